@@ -1,0 +1,105 @@
+# Makefile -- builds luna into build/ (build/san/ with SAN=1) and runs its tests.
+#   make            build everything          make run    encode on the demo model
+#   make test       C unit tests + pytest     make bench  luna against PyTorch, full size
+#   make fuzz       libFuzzer targets, FUZZ_SECONDS each
+#   SAN=1           AddressSanitizer + UndefinedBehaviorSanitizer build
+
+CC      ?= cc
+PYTHON  ?= /usr/bin/python3
+SAN     ?= 0
+FUZZ_SECONDS ?= 30
+
+ifeq ($(SAN),1)
+BUILD   := build/san
+SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+OPT     := -O1
+else
+BUILD   := build
+SANFLAGS :=
+OPT     := -O2
+endif
+
+# x86-64-v3 (AVX2, FMA, F16C) is the baseline; OpenBLAS picks its own kernels at run time.
+ARCH    ?= -march=x86-64-v3
+CFLAGS  := -std=c11 $(OPT) -g $(ARCH) -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
+           -D_GNU_SOURCE -pthread -Iinclude -Isrc -I/usr/include/cjson -MMD -MP $(SANFLAGS)
+LDFLAGS := -pthread $(SANFLAGS)
+LIBS    := -lopenblas -lcjson -lutf8proc -lm
+
+LIB_SRC := $(sort $(wildcard src/core/*.c src/ops/*.c src/models/*.c src/text/*.c))
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+CLI_SRC := $(sort $(wildcard src/cli/*.c))
+CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
+TEST_SRC := $(sort $(wildcard tests/unit/test-*.c))
+TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+BENCH_SRC := $(sort $(wildcard bench/*.c))
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+
+.PHONY: all deps run test test-c test-py bench fuzz clean
+all: $(BUILD)/luna $(TEST_BIN) $(BENCH_BIN) $(BUILD)/demo/demo-sd1.safetensors
+
+deps:
+	@bash scripts/deps.sh
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libluna-internal.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/luna: $(CLI_OBJ) $(BUILD)/libluna-internal.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libluna-internal.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libluna-internal.a $(LDFLAGS) $(LIBS) -lcmocka
+
+$(BUILD)/bench/%: bench/%.c $(BUILD)/libluna-internal.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libluna-internal.a $(LDFLAGS) $(LIBS)
+
+# The built-in demo model: a small CLIP-L with real names, random weights from a fixed seed.
+$(BUILD)/demo/demo-sd1.safetensors: $(BUILD)/luna
+	@mkdir -p $(dir $@)
+	$(BUILD)/luna demo-model --out $@
+
+run: deps
+	@$(MAKE) --no-print-directory $(BUILD)/luna $(BUILD)/demo/demo-sd1.safetensors
+	$(BUILD)/luna encode --local --model $(BUILD)/demo/demo-sd1.safetensors \
+	    --tokens examples/demo-tokens.json --out $(BUILD)/demo/demo-cond.safetensors --summary
+
+test: deps
+	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory test-c test-py
+
+test-c: $(TEST_BIN)
+	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
+
+test-py: $(BUILD)/luna
+	LUNA_BUILD=$(BUILD) $(PYTHON) -m pytest -q tests/python
+
+bench: deps
+	@$(MAKE) --no-print-directory SAN=0 all
+	LUNA_BUILD=build $(PYTHON) bench/bench.py
+
+FUZZ_SRC := $(sort $(wildcard fuzz/fuzz-*.c))
+FUZZ_BIN := $(FUZZ_SRC:fuzz/%.c=build/fuzz/%)
+build/fuzz/%: fuzz/%.c $(LIB_SRC)
+	@mkdir -p $(dir $@)
+	clang -std=c11 -O1 -g -D_GNU_SOURCE -Iinclude -Isrc -I/usr/include/cjson \
+	    -fsanitize=fuzzer,address,undefined -o $@ $< $(LIB_SRC) $(LIBS) -pthread
+
+fuzz: deps
+	@$(MAKE) --no-print-directory $(FUZZ_BIN)
+	@set -e; for f in $(FUZZ_BIN); do \
+	  n=$$(basename $$f); mkdir -p build/fuzz/corpus-$$n; \
+	  echo "== $$n for $(FUZZ_SECONDS) s"; \
+	  $$f -max_total_time=$(FUZZ_SECONDS) -max_len=65536 build/fuzz/corpus-$$n fuzz/seeds/$$n; \
+	done
+
+clean:
+	rm -rf build
+
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)

@@ -1,0 +1,222 @@
+/* cmd_encode.c -- 'luna encode': prompt or tokens in, ComfyUI's conditioning out as safetensors */
+/* SPDX-License-Identifier: MIT */
+#include "cli/commands.h"
+#include "core/safetensors.h"
+#include "core/status.h"
+#include "models/textenc.h"
+#include "ops/ops.h"
+#include "text/tokenizer.h"
+
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_MODELS 4
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: luna encode --local --model FILE [--model FILE2]\n"
+          "                   (--text TEXT --tokenizer DIR | --tokens FILE.json)\n"
+          "                   [--clip-layer -N] --out OUT.safetensors [options]\n"
+          "\n"
+          "Encodes a prompt exactly as ComfyUI's CLIPTextEncode does and writes 'cond'\n"
+          "(F32 [1, 77*chunks, D]) and 'pooled' (F32 [1, Dp]) to OUT.safetensors.\n"
+          "\n"
+          "  --local             run the encoders in this process (required until lunad exists)\n"
+          "  --model FILE        an SD1/SDXL checkpoint, or a clip_l / clip_g file (repeatable);\n"
+          "                      the family (SD1 or SDXL) follows from the encoders found\n"
+          "  --text TEXT         the prompt, with ComfyUI's (weight:1.2) syntax\n"
+          "  --tokenizer DIR     folder with vocab.json and merges.txt (ComfyUI's comfy/sd1_tokenizer)\n"
+          "  --tokens FILE.json  token/weight chunks as ComfyUI's CLIP.tokenize() returns them:\n"
+          "                      {\"l\": [[[id, weight], ...77], ...], \"g\": [...]}\n"
+          "  --clip-layer -N     CLIPSetLastLayer(-N); default: the family's own layer\n"
+          "  --out FILE          output safetensors file\n"
+          "  --bench N           encode N more times and print timing JSON on stderr\n"
+          "  --weight-dtype T    in-memory weights: f16 (default, half the memory) or f32\n"
+          "  --threads N         compute threads (default: one per CPU)\n"
+          "  --summary           print the outputs' shapes and first values\n"
+          "  -h, --help          this text\n");
+}
+
+static double now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+static double rss_mib(void) {
+  FILE *f = fopen("/proc/self/statm", "r");
+  long size = 0, res = 0;
+  if (f) {
+    if (fscanf(f, "%ld %ld", &size, &res) != 2) res = 0;
+    fclose(f);
+  }
+  return (double)res * (double)sysconf(_SC_PAGESIZE) / (1024.0 * 1024.0);
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static int parse_int(const char *s, const char *opt, long lo, long hi, long *out) {
+  char *end;
+  long v = strtol(s, &end, 10);
+  if (!*s || *end || v < lo || v > hi) {
+    fprintf(stderr, "luna encode: %s wants an integer in [%ld, %ld], got '%s'\n", opt, lo, hi, s);
+    return -1;
+  }
+  *out = v;
+  return 0;
+}
+
+int cmd_encode(int argc, char **argv) {
+  enum { O_LOCAL = 256, O_MODEL, O_TEXT, O_TOKENIZER, O_TOKENS, O_LAYER, O_OUT, O_BENCH, O_WDTYPE, O_THREADS, O_SUMMARY };
+  static const struct option opts[] = {
+      {"local", no_argument, 0, O_LOCAL},         {"model", required_argument, 0, O_MODEL},
+      {"text", required_argument, 0, O_TEXT},      {"tokenizer", required_argument, 0, O_TOKENIZER},
+      {"tokens", required_argument, 0, O_TOKENS},  {"clip-layer", required_argument, 0, O_LAYER},
+      {"out", required_argument, 0, O_OUT},        {"bench", required_argument, 0, O_BENCH},
+      {"weight-dtype", required_argument, 0, O_WDTYPE}, {"threads", required_argument, 0, O_THREADS},
+      {"summary", no_argument, 0, O_SUMMARY},      {"help", no_argument, 0, 'h'},
+      {0, 0, 0, 0}};
+  const char *models[MAX_MODELS], *text = NULL, *tokdir = NULL, *tokfile = NULL, *out_path = NULL;
+  int n_models = 0, local = 0, summary = 0;
+  long clip_layer = 0, bench = 0, threads = 0;
+  ops_wtype wtype = OPS_W_F16;
+  optind = 1;
+  int c;
+  while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    switch (c) {
+    case O_LOCAL: local = 1; break;
+    case O_MODEL:
+      if (n_models == MAX_MODELS) {
+        fprintf(stderr, "luna encode: at most %d --model files\n", MAX_MODELS);
+        return 2;
+      }
+      models[n_models++] = optarg;
+      break;
+    case O_TEXT: text = optarg; break;
+    case O_TOKENIZER: tokdir = optarg; break;
+    case O_TOKENS: tokfile = optarg; break;
+    case O_LAYER: if (parse_int(optarg, "--clip-layer", -1000, -1, &clip_layer)) return 2; break;
+    case O_OUT: out_path = optarg; break;
+    case O_BENCH: if (parse_int(optarg, "--bench", 0, 100000, &bench)) return 2; break;
+    case O_THREADS: if (parse_int(optarg, "--threads", 1, 1024, &threads)) return 2; break;
+    case O_WDTYPE:
+      if (!strcmp(optarg, "f16")) wtype = OPS_W_F16;
+      else if (!strcmp(optarg, "f32")) wtype = OPS_W_F32;
+      else {
+        fprintf(stderr, "luna encode: --weight-dtype is f16 or f32, not '%s'\n", optarg);
+        return 2;
+      }
+      break;
+    case O_SUMMARY: summary = 1; break;
+    case 'h': usage(stdout); return 0;
+    default: usage(stderr); return 2;
+    }
+  }
+  if (optind < argc) {
+    fprintf(stderr, "luna encode: unexpected argument '%s'\n", argv[optind]);
+    return 2;
+  }
+  if (!local) {
+    fprintf(stderr, "luna encode: encoding through the daemon is not available in this build; "
+                    "pass --local to encode in this process\n");
+    return 2;
+  }
+  if (!n_models || !out_path || (!text == !tokfile) || (text && !tokdir) || (tokdir && !text)) {
+    fprintf(stderr, "luna encode: need --model, --out, and either --text with --tokenizer or --tokens\n");
+    usage(stderr);
+    return 2;
+  }
+
+  char err[LUNA_ERR_LEN] = "";
+  int rc = 1;
+  te_set *set = NULL;
+  ops_pool *pool = NULL;
+  tok_chunks tl = {0}, tg = {0};
+  tok_vocab *vocab = NULL;
+  te_output o = {0};
+  double *times = NULL;
+
+  double t0 = now_ms();
+  if (te_set_load(models, n_models, wtype, &set, err)) goto fail;
+  double load_ms = now_ms() - t0, rss_load = rss_mib();
+  te_family fam = te_set_family(set);
+
+  if (tokfile) {
+    if (tok_json_parse_file(tokfile, "l", &tl, err)) goto fail;
+    if (fam == TE_SDXL) {
+      int r = tok_json_parse_file(tokfile, "g", &tg, err);
+      if (r == LUNA_EMISSING && !err[0])
+        snprintf(err, sizeof err, "%s: no \"g\" tokens; an SDXL model needs both \"l\" and \"g\"", tokfile);
+      if (r) goto fail;
+    }
+  } else {
+    if (tok_vocab_load(tokdir, &vocab, err) || tok_tokenize(vocab, text, TOK_PAD_L, &tl, err)) goto fail;
+    if (fam == TE_SDXL && tok_tokenize(vocab, text, TOK_PAD_G, &tg, err)) goto fail;
+  }
+
+  pool = ops_pool_create((int)threads, te_set_scratch(set));
+  if (!pool) {
+    snprintf(err, sizeof err, "cannot start %ld compute threads", threads);
+    goto fail;
+  }
+  const tok_chunks *gp = fam == TE_SDXL ? &tg : NULL;
+  double t1 = now_ms();
+  if (te_set_encode(set, pool, &tl, gp, (int)clip_layer, &o, err)) goto fail;
+  double first_ms = now_ms() - t1;
+
+  st_wtensor outs[2] = {
+      {"cond", ST_F32, 3, {1, o.n_tokens, o.dim}, o.cond},
+      {"pooled", ST_F32, 2, {1, o.pooled_dim}, o.pooled},
+  };
+  const char *meta[] = {"luna.family", te_family_name(fam)};
+  if (st_write(out_path, outs, 2, meta, 1, err)) goto fail;
+
+  if (bench > 0) {
+    times = malloc((size_t)bench * sizeof(double));
+    if (!times) { snprintf(err, sizeof err, "out of memory"); goto fail; }
+    for (long i = 0; i < bench; i++) {
+      te_output r;
+      double s = now_ms();
+      if (te_set_encode(set, pool, &tl, gp, (int)clip_layer, &r, err)) goto fail;
+      times[i] = now_ms() - s;
+      te_output_free(&r);
+    }
+    qsort(times, (size_t)bench, sizeof(double), cmp_double);
+    double med = bench % 2 ? times[bench / 2] : 0.5 * (times[bench / 2 - 1] + times[bench / 2]);
+    fprintf(stderr,
+            "{\"median_ms\": %.3f, \"min_ms\": %.3f, \"runs\": %ld, \"first_ms\": %.3f, \"load_ms\": %.1f, "
+            "\"rss_after_load_mib\": %.1f, \"rss_mib\": %.1f, \"weights_mib\": %.1f, \"weight_dtype\": \"%s\", "
+            "\"threads\": %d, \"blas_core\": \"%s\", \"family\": \"%s\"}\n",
+            med, times[0], bench, first_ms, load_ms, rss_load, rss_mib(),
+            (double)te_set_weight_bytes(set) / (1024.0 * 1024.0), wtype == OPS_W_F16 ? "f16" : "f32",
+            ops_pool_size(pool), ops_blas_core(), te_family_name(fam));
+  }
+  if (summary) {
+    printf("family %s, %d chunk(s), weights %.1f MiB in %s, encoded in %.1f ms\n", te_family_name(fam),
+           tl.n_chunks, (double)te_set_weight_bytes(set) / (1024.0 * 1024.0),
+           wtype == OPS_W_F16 ? "f16" : "f32", first_ms);
+    printf("cond   [1, %lld, %lld]:", (long long)o.n_tokens, (long long)o.dim);
+    for (int i = 0; i < 6 && i < o.n_tokens * o.dim; i++) printf(" %+.6f", o.cond[i]);
+    printf(" ...\npooled [1, %lld]:", (long long)o.pooled_dim);
+    for (int i = 0; i < 6 && i < o.pooled_dim; i++) printf(" %+.6f", o.pooled[i]);
+    printf(" ...\nwritten to %s\n", out_path);
+  }
+  rc = 0;
+fail:
+  if (rc) fprintf(stderr, "luna encode: %s\n", err[0] ? err : "failed");
+  free(times);
+  te_output_free(&o);
+  tok_chunks_free(&tl);
+  tok_chunks_free(&tg);
+  tok_vocab_free(vocab);
+  ops_pool_free(pool);
+  te_set_free(set);
+  return rc;
+}

@@ -1,0 +1,78 @@
+/* clip_text.h -- one CLIP text transformer (CLIP-L or OpenCLIP bigG) loaded from safetensors */
+/* SPDX-License-Identifier: MIT */
+#ifndef LUNA_MODELS_CLIP_TEXT_H
+#define LUNA_MODELS_CLIP_TEXT_H
+
+#include "core/safetensors.h"
+#include "ops/ops.h"
+
+#include <stdint.h>
+
+#define CLIP_CTX 77
+#define CLIP_VOCAB 49408
+#define CLIP_HEAD_DIM 64
+#define CLIP_LN_EPS 1e-5f
+
+typedef enum clip_kind { CLIP_L = 0, CLIP_G = 1 } clip_kind;
+
+/* How the tensors are named inside the file, after the prefix. */
+typedef enum clip_layout {
+  CLIP_LAYOUT_HF = 0,       /* text_model.* (Hugging Face CLIPTextModel) */
+  CLIP_LAYOUT_HF_OLD = 1,   /* the same without the "text_model." segment */
+  CLIP_LAYOUT_OPENCLIP = 2, /* token_embedding, transformer.resblocks.*, fused in_proj */
+} clip_layout;
+
+typedef struct clip_hparams {
+  int n_layers, d_model, n_heads, d_mlp, d_proj; /* d_proj 0: no projection loaded */
+} clip_hparams;
+
+typedef struct clip_text clip_text;
+
+/* Where an encoder sits in a file: 'prefix' is prepended to every name of the layout
+** (e.g. "conditioner.embedders.1.model."); 'proj_name' is the projection's full name
+** or NULL; 'proj_is_xP' says it is stored as x @ P (OpenCLIP) rather than Linear form. */
+typedef struct clip_source {
+  const st_file *file;
+  const char *prefix;
+  clip_layout layout;
+  clip_kind kind;
+  const char *proj_name;
+  int proj_is_xP;
+} clip_source;
+
+/* clip_text_load reads and checks every tensor of the encoder: dimensions come from the
+** shapes (heads = width / 64). Weights are rounded to fp16 as ComfyUI does and kept as
+** 'wtype' (F16 tensors of an F16 file are used in place, zero copy). Every tensor under
+** the prefix must be claimed: missing, misshapen and unexpected tensors are errors that
+** name them. The file must outlive the model. */
+int clip_text_load(const clip_source *src, ops_wtype wtype, clip_text **out, char *err);
+void clip_text_free(clip_text *m);
+
+const clip_hparams *clip_text_hparams(const clip_text *m);
+clip_kind clip_text_kind(const clip_text *m);
+/* Bytes of weights held in memory (mapped or converted). */
+size_t clip_text_weight_bytes(const clip_text *m);
+
+/* Worker scratch (floats) clip_text_forward needs from the pool. */
+size_t clip_text_scratch(const clip_text *m);
+
+/*
+** clip_text_forward runs 'B' sequences of CLIP_CTX token ids through every layer.
+** 'hidden' [B, 77, D] receives the output after 0-based layer 'layer_idx', passed
+** through the final LayerNorm when 'final_ln' is set. 'pooled' [B, D] (or [B, d_proj]
+** when 'project' and a projection exists) receives the final-LN output at each
+** sequence's first end token (the last position when there is none). Either output may
+** be NULL. Token ids must be in [0, CLIP_VOCAB).
+*/
+int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, int B,
+                      int layer_idx, int final_ln, int project, float *hidden, float *pooled,
+                      char *err);
+
+/* clip_text_enumerate calls 'cb' once per tensor an encoder with 'hp' has in 'layout'
+** under 'prefix' (the projection excluded), with its full name and shape. Writers of
+** test and demo models use it so that names live in one table. */
+typedef void (*clip_tensor_cb)(void *ud, const char *name, int n_dims, const int64_t *shape);
+void clip_text_enumerate(const char *prefix, clip_layout layout, const clip_hparams *hp,
+                         clip_tensor_cb cb, void *ud);
+
+#endif

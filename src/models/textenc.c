@@ -1,0 +1,280 @@
+/* textenc.c -- finds the text encoders in checkpoint files and applies ComfyUI's encode semantics */
+/* SPDX-License-Identifier: MIT */
+#include "models/textenc.h"
+
+#include "core/status.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TE_MAX_FILES 4
+
+struct te_set {
+  te_family family;
+  st_file *files[TE_MAX_FILES];
+  int n_files;
+  clip_text *enc[2];      /* indexed by clip_kind */
+};
+
+/* One place an encoder can live, recognised by the presence of its token embedding. */
+typedef struct te_layout_rule {
+  const char *probe;      /* full name of a tensor that identifies the layout */
+  const char *prefix;
+  clip_layout layout;
+  int kind;               /* CLIP_L, CLIP_G, or -1: decide by layer count */
+  const char *proj;       /* projection name for CLIP-G */
+  int proj_is_xP;
+  const char *what;       /* for messages */
+} te_layout_rule;
+
+static const te_layout_rule rules[] = {
+    {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+     "cond_stage_model.transformer.", CLIP_LAYOUT_HF, CLIP_L, NULL, 0, "SD1 checkpoint CLIP-L"},
+    {"cond_stage_model.transformer.embeddings.token_embedding.weight",
+     "cond_stage_model.transformer.", CLIP_LAYOUT_HF_OLD, CLIP_L, NULL, 0, "SD1 checkpoint CLIP-L (old layout)"},
+    {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+     "conditioner.embedders.0.transformer.", CLIP_LAYOUT_HF, CLIP_L, NULL, 0, "SDXL checkpoint CLIP-L"},
+    {"conditioner.embedders.1.model.token_embedding.weight", "conditioner.embedders.1.model.",
+     CLIP_LAYOUT_OPENCLIP, CLIP_G, "conditioner.embedders.1.model.text_projection", 1, "SDXL checkpoint CLIP-G"},
+    {"text_model.embeddings.token_embedding.weight", "", CLIP_LAYOUT_HF, -1, NULL, 0, "standalone text encoder"},
+    {"token_embedding.weight", "", CLIP_LAYOUT_OPENCLIP, -1, "text_projection", 1, "standalone OpenCLIP text encoder"},
+};
+
+/* Layouts we recognise but do not serve, so the error can say what the file is. */
+static const struct {
+  const char *probe, *what;
+} unsupported[] = {
+    {"cond_stage_model.model.token_embedding.weight", "an SD2 checkpoint (OpenCLIP ViT-H text encoder)"},
+    {"conditioner.embedders.0.model.token_embedding.weight", "an SDXL refiner checkpoint (CLIP-G only)"},
+};
+
+static int layer_exists(const st_file *f, const te_layout_rule *r, int layer) {
+  char name[256];
+  if (r->layout == CLIP_LAYOUT_OPENCLIP)
+    snprintf(name, sizeof name, "%stransformer.resblocks.%d.ln_1.weight", r->prefix, layer);
+  else
+    snprintf(name, sizeof name, "%s%sencoder.layers.%d.mlp.fc1.weight", r->prefix,
+             r->layout == CLIP_LAYOUT_HF ? "text_model." : "", layer);
+  return st_find(f, name) != NULL;
+}
+
+static int load_file(te_set *s, st_file *f, ops_wtype wtype, char *err) {
+  int found = 0;
+  for (size_t i = 0; i < sizeof unsupported / sizeof *unsupported; i++)
+    if (st_find(f, unsupported[i].probe))
+      return luna_fail(err, LUNA_EMODEL, "%s: this is %s, which luna does not serve yet", f->path,
+                       unsupported[i].what);
+  for (size_t i = 0; i < sizeof rules / sizeof *rules; i++) {
+    const te_layout_rule *r = &rules[i];
+    if (!st_find(f, r->probe)) continue;
+    /* a standalone OpenCLIP probe also matches inside nothing else: only at top level */
+    int kind = r->kind;
+    if (kind < 0) {
+      /* ComfyUI's rule for standalone files: a 31st layer means bigG, a 23rd ViT-H */
+      if (layer_exists(f, r, 30)) kind = CLIP_G;
+      else if (layer_exists(f, r, 22))
+        return luna_fail(err, LUNA_EMODEL, "%s: a %d+ layer text encoder without a 31st layer is "
+                         "OpenCLIP ViT-H (SD2), which luna does not serve yet", f->path, 23);
+      else kind = CLIP_L;
+    }
+    if (s->enc[kind])
+      return luna_fail(err, LUNA_EMODEL, "%s: a second CLIP-%s text encoder (%s); give one of each",
+                       f->path, kind == CLIP_G ? "G" : "L", r->what);
+    const char *proj = NULL;
+    int xP = 0;
+    if (kind == CLIP_G) {
+      if (r->layout == CLIP_LAYOUT_HF && !r->proj) {
+        if (st_find(f, "text_projection.weight")) proj = "text_projection.weight";
+        else if (st_find(f, "text_projection")) { proj = "text_projection"; xP = 1; }
+        else return luna_fail(err, LUNA_EMISSING, "%s: missing tensor 'text_projection.weight' "
+                              "(CLIP-G needs its projection)", f->path);
+      } else {
+        proj = r->proj;
+        xP = r->proj_is_xP;
+      }
+    }
+    clip_source src = {f, r->prefix, r->layout, (clip_kind)kind, proj, xP};
+    int rc = clip_text_load(&src, wtype, &s->enc[kind], err);
+    if (rc) return rc;
+    found++;
+    if (r->prefix[0] == '\0') break; /* a standalone file holds one encoder */
+  }
+  if (!found)
+    return luna_fail(err, LUNA_EMODEL, "%s: no CLIP text encoder found (no tensor named "
+                     "'cond_stage_model.transformer.text_model.*', 'conditioner.embedders.0.transformer.*', "
+                     "'conditioner.embedders.1.model.*' or 'text_model.*')", f->path);
+  return 0;
+}
+
+int te_set_load(const char *const *paths, int n, ops_wtype wtype, te_set **out, char *err) {
+  *out = NULL;
+  if (n < 1 || n > TE_MAX_FILES)
+    return luna_fail(err, LUNA_EINVAL, "give between 1 and %d model files (got %d)", TE_MAX_FILES, n);
+  te_set *s = calloc(1, sizeof *s);
+  if (!s) return luna_fail(err, LUNA_ENOMEM, "out of memory");
+  int rc = 0;
+  for (int i = 0; i < n && !rc; i++) {
+    rc = st_open(paths[i], &s->files[i], err);
+    if (!rc) {
+      s->n_files++;
+      rc = load_file(s, s->files[i], wtype, err);
+    }
+  }
+  if (!rc) {
+    if (s->enc[CLIP_L] && s->enc[CLIP_G]) s->family = TE_SDXL;
+    else if (s->enc[CLIP_L]) s->family = TE_SD1;
+    else
+      rc = luna_fail(err, LUNA_EMODEL, "%s: only a CLIP-G text encoder was found; SDXL needs the "
+                     "CLIP-L too (give both files)", paths[0]);
+  }
+  if (rc) te_set_free(s);
+  else *out = s;
+  return rc;
+}
+
+void te_set_free(te_set *s) {
+  if (!s) return;
+  clip_text_free(s->enc[0]);
+  clip_text_free(s->enc[1]);
+  for (int i = 0; i < s->n_files; i++) st_close(s->files[i]);
+  free(s);
+}
+
+te_family te_set_family(const te_set *s) { return s->family; }
+const char *te_family_name(te_family f) { return f == TE_SDXL ? "sdxl" : "sd1"; }
+const clip_text *te_set_encoder(const te_set *s, clip_kind k) { return s->enc[k]; }
+
+size_t te_set_weight_bytes(const te_set *s) {
+  size_t b = 0;
+  for (int k = 0; k < 2; k++)
+    if (s->enc[k]) b += clip_text_weight_bytes(s->enc[k]);
+  return b;
+}
+
+size_t te_set_scratch(const te_set *s) {
+  size_t b = 0;
+  for (int k = 0; k < 2; k++)
+    if (s->enc[k] && clip_text_scratch(s->enc[k]) > b) b = clip_text_scratch(s->enc[k]);
+  return b;
+}
+
+void te_output_free(te_output *o) {
+  if (!o) return;
+  free(o->cond);
+  free(o->pooled);
+  o->cond = o->pooled = NULL;
+}
+
+/* Layer selection of one encoder, as SDClipModel.clip_layer and its family set it. */
+static void select_layer(te_family fam, int n_layers, int clip_layer, int *idx, int *final_ln) {
+  if (clip_layer == 0) {
+    if (fam == TE_SD1) { *idx = n_layers - 1; *final_ln = 1; }   /* "last" */
+    else { *idx = n_layers - 2; *final_ln = 0; }                /* SDXL: hidden -2 */
+    return;
+  }
+  if (-clip_layer > n_layers) { *idx = n_layers - 1; *final_ln = 1; return; } /* "last" */
+  *idx = n_layers + clip_layer;
+  *final_ln = fam == TE_SD1;   /* SD1 sets layer_norm_hidden_state, SDXL does not */
+}
+
+/* encode_token_weights for one encoder: 'cond' gets [n_chunks*77, D] (or the empty
+** sequence's [77, D] when there are no chunks), 'pooled' chunk 0's pooled output. */
+static int encode_one(const clip_text *m, te_family fam, ops_pool *pool, const tok_chunks *c,
+                      int32_t pad, int clip_layer, int project, float **cond, int64_t *n_tok,
+                      float **pooled, char *err) {
+  const clip_hparams *hp = clip_text_hparams(m);
+  int n = c->n_chunks, has_w = 0;
+  for (int64_t i = 0; i < (int64_t)n * TOK_CHUNK; i++)
+    if (c->weights[i] != 1.0) has_w = 1;
+  int B = n + (has_w || n == 0);
+  int64_t D = hp->d_model, T = TOK_CHUNK;
+  int64_t dp = project && hp->d_proj ? hp->d_proj : D;
+  int32_t *ids = malloc((size_t)B * T * sizeof(int32_t));
+  float *hid = malloc((size_t)(B * T * D) * sizeof(float));
+  float *pool_out = malloc((size_t)(B * dp) * sizeof(float));
+  int rc = 0;
+  if (!ids || !hid || !pool_out) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory"); goto done; }
+  if (n) memcpy(ids, c->ids, (size_t)n * T * sizeof(int32_t));
+  if (B > n) {
+    int32_t *e = ids + (int64_t)n * T;
+    e[0] = TOK_BOS;
+    e[1] = TOK_EOS;
+    for (int64_t t = 2; t < T; t++) e[t] = pad;
+  }
+  int idx, final_ln;
+  select_layer(fam, hp->n_layers, clip_layer, &idx, &final_ln);
+  if ((rc = clip_text_forward(m, pool, ids, B, idx, final_ln, project, hid, pool_out, err))) goto done;
+  if (has_w) {
+    const float *e = hid + (int64_t)n * T * D;
+    for (int64_t k = 0; k < n; k++)
+      for (int64_t j = 0; j < T; j++) {
+        double w = c->weights[k * T + j];
+        if (w == 1.0) continue;
+        float fw = (float)w, *z = hid + (k * T + j) * D;
+        const float *ze = e + j * D;
+        for (int64_t d = 0; d < D; d++) z[d] = (z[d] - ze[d]) * fw + ze[d];
+      }
+  }
+  /* with no chunks ComfyUI returns the empty sequence itself, which is row block 0 */
+  *n_tok = n ? (int64_t)n * T : T;
+  *cond = hid;
+  hid = NULL;
+  float *p0 = malloc((size_t)dp * sizeof(float));
+  if (!p0) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory"); goto done; }
+  memcpy(p0, pool_out, (size_t)dp * sizeof(float));
+  *pooled = p0;
+done:
+  if (rc && hid == NULL) { free(*cond); *cond = NULL; }
+  free(ids);
+  free(hid);
+  free(pool_out);
+  return rc;
+}
+
+int te_set_encode(const te_set *s, ops_pool *pool, const tok_chunks *l, const tok_chunks *g,
+                  int clip_layer, te_output *out, char *err) {
+  memset(out, 0, sizeof *out);
+  if (clip_layer > 0)
+    return luna_fail(err, LUNA_EINVAL, "clip layer %d must be negative (-1 is the last layer)", clip_layer);
+  if (!l) return luna_fail(err, LUNA_ETOKENS, "no tokens for the CLIP-L encoder (\"l\")");
+  const clip_text *L = s->enc[CLIP_L], *G = s->enc[CLIP_G];
+  if (s->family == TE_SD1) {
+    int64_t n;
+    int rc = encode_one(L, s->family, pool, l, TOK_PAD_L, clip_layer, 0, &out->cond, &n, &out->pooled, err);
+    if (rc) return rc;
+    out->n_tokens = n;
+    out->dim = clip_text_hparams(L)->d_model;
+    out->pooled_dim = out->dim;
+    return 0;
+  }
+  if (!g) return luna_fail(err, LUNA_ETOKENS, "no tokens for the CLIP-G encoder (\"g\"); SDXL needs both \"l\" and \"g\"");
+  float *cl = NULL, *pl = NULL, *cg = NULL, *pg = NULL;
+  int64_t nl, ng;
+  int rc = encode_one(L, s->family, pool, l, TOK_PAD_L, clip_layer, 0, &cl, &nl, &pl, err);
+  if (!rc) rc = encode_one(G, s->family, pool, g, TOK_PAD_G, clip_layer, 1, &cg, &ng, &pg, err);
+  if (!rc) {
+    int64_t dl = clip_text_hparams(L)->d_model, dg = clip_text_hparams(G)->d_model;
+    int64_t cut = nl < ng ? nl : ng;
+    out->cond = malloc((size_t)(cut * (dl + dg)) * sizeof(float));
+    if (!out->cond) rc = luna_fail(err, LUNA_ENOMEM, "out of memory");
+    else {
+      for (int64_t t = 0; t < cut; t++) {
+        memcpy(out->cond + t * (dl + dg), cl + t * dl, (size_t)dl * sizeof(float));
+        memcpy(out->cond + t * (dl + dg) + dl, cg + t * dg, (size_t)dg * sizeof(float));
+      }
+      out->n_tokens = cut;
+      out->dim = dl + dg;
+      out->pooled = pg;
+      pg = NULL;
+      const clip_hparams *hg = clip_text_hparams(G);
+      out->pooled_dim = hg->d_proj ? hg->d_proj : hg->d_model;
+    }
+  }
+  free(cl);
+  free(pl);
+  free(cg);
+  free(pg);
+  if (rc) te_output_free(out);
+  return rc;
+}

@@ -1,0 +1,48 @@
+/* textenc.h -- a model family's text encoders (SD1: CLIP-L; SDXL: CLIP-L + CLIP-G) and ComfyUI's encode */
+/* SPDX-License-Identifier: MIT */
+#ifndef LUNA_MODELS_TEXTENC_H
+#define LUNA_MODELS_TEXTENC_H
+
+#include "models/clip_text.h"
+#include "text/tokenizer.h"
+
+typedef enum te_family { TE_SD1 = 1, TE_SDXL = 2 } te_family;
+
+typedef struct te_set te_set;
+
+/* te_set_load opens the 'n' files at 'paths' (one checkpoint, or standalone clip_l and
+** clip_g files), finds the text encoders in them by key prefix and loads them. The
+** family follows from what was found. Errors name the file and what is missing,
+** unsupported or unexpected. */
+int te_set_load(const char *const *paths, int n, ops_wtype wtype, te_set **out, char *err);
+void te_set_free(te_set *s);
+
+te_family te_set_family(const te_set *s);
+const char *te_family_name(te_family f);
+/* The encoder of that kind, or NULL when the family has none. */
+const clip_text *te_set_encoder(const te_set *s, clip_kind k);
+/* Bytes of weights in memory across encoders. */
+size_t te_set_weight_bytes(const te_set *s);
+/* Worker scratch (floats) an ops_pool needs to run this set. */
+size_t te_set_scratch(const te_set *s);
+
+/* The conditioning ComfyUI's CLIPTextEncode produces: 'cond' [n_tokens, dim] (batch 1)
+** and 'pooled' [pooled_dim], both malloc'd (free with te_output_free). */
+typedef struct te_output {
+  float *cond;
+  int64_t n_tokens, dim;
+  float *pooled;
+  int64_t pooled_dim;
+} te_output;
+
+/*
+** te_set_encode follows ComfyUI's encode_token_weights for each encoder: all chunks in
+** one batch, plus the empty sequence when any weight differs from 1, then
+** z = (z - z_empty) * w + z_empty on the selected layer. 'clip_layer' is 0 for the
+** family's default or -k as CLIPSetLastLayer(-k). SD1 needs 'l'; SDXL needs 'l' and 'g'.
+*/
+int te_set_encode(const te_set *s, ops_pool *pool, const tok_chunks *l, const tok_chunks *g,
+                  int clip_layer, te_output *out, char *err);
+void te_output_free(te_output *o);
+
+#endif
