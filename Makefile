@@ -86,10 +86,11 @@ bench: deps
 
 FUZZ_SRC := $(sort $(wildcard fuzz/fuzz-*.c))
 FUZZ_BIN := $(FUZZ_SRC:fuzz/%.c=build/fuzz/%)
-build/fuzz/%: fuzz/%.c $(LIB_SRC)
+FUZZ_LIB := $(sort $(wildcard src/core/*.c src/text/*.c))
+build/fuzz/%: fuzz/%.c $(FUZZ_LIB)
 	@mkdir -p $(dir $@)
-	clang -std=c11 -O1 -g -D_GNU_SOURCE -Iinclude -Isrc -I/usr/include/cjson \
-	    -fsanitize=fuzzer,address,undefined -o $@ $< $(LIB_SRC) $(LIBS) -pthread
+	clang -std=c11 -O1 -g $(ARCH) -D_GNU_SOURCE -Iinclude -Isrc -I/usr/include/cjson \
+	    -fsanitize=fuzzer,address,undefined -o $@ $< $(FUZZ_LIB) $(LIBS) -pthread
 
 fuzz: deps
 	@$(MAKE) --no-print-directory $(FUZZ_BIN)

@@ -345,6 +345,8 @@ void ops_blas_setup(char **argv) {
                 (!is_good || (!strcmp(want, "SkylakeX") && !strcasecmp(core, "Haswell")));
   if (upgrade && argv) {
     setenv("OPENBLAS_CORETYPE", want, 1);
+    /* luna runs its own workers; keep OpenBLAS from starting idle ones of its own */
+    if (!getenv("OPENBLAS_NUM_THREADS")) setenv("OPENBLAS_NUM_THREADS", "1", 1);
     setenv("LUNA_BLAS_REEXEC", "1", 1);
     execv("/proc/self/exe", argv);
     fprintf(stderr, "luna: warning: could not re-execute with OPENBLAS_CORETYPE=%s; "
