@@ -322,8 +322,11 @@ int clip_text_load(const clip_source *src, ops_wtype wtype, clip_text **out, cha
   full_name(&L, T_FC1_W, 0, name, sizeof name);
   const st_tensor *fc1 = st_find(src->file, name);
   if (!fc1) { rc = luna_fail(err, LUNA_EMISSING, "%s: missing tensor '%s'", src->file->path, name); goto done; }
-  if (fc1->n_dims != 2 || fc1->shape[0] < 1) {
-    rc = luna_fail(err, LUNA_ESHAPE, "%s: tensor '%s' must be [d_mlp, %lld]", src->file->path, name, (long long)D);
+  if (fc1->n_dims != 2 || fc1->shape[0] < 1 || fc1->shape[1] != D) {
+    rc = luna_fail(err, LUNA_ESHAPE, "%s: tensor '%s' has shape [%lld, %lld], expected [d_mlp, %lld] "
+                   "(the width %lld comes from the token embedding)", src->file->path, name,
+                   (long long)fc1->shape[0], (long long)(fc1->n_dims > 1 ? fc1->shape[1] : 0),
+                   (long long)D, (long long)D);
     goto done;
   }
   int64_t F = fc1->shape[0];
