@@ -157,9 +157,20 @@ def fmt_ms(v):
     return "—" if v is None else ("%.1f" % v)
 
 
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="luna vs the PyTorch reference, full size")
-    ap.add_argument("--runs", type=int, default=20, help="timed encodes after the first (default 20)")
+    ap.add_argument("--runs", type=int, default=10, help="timed encodes per process (default 10)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="every configuration runs this many times, interleaved; the table shows "
+                         "the median of the per-process medians (default 3)")
     a = ap.parse_args(argv)
 
     def log(msg):
@@ -171,135 +182,128 @@ def main(argv=None):
     clip_l, clip_g, tok_l, tok_x = ensure_models(bdir, log)
 
     rate, rate_err = sgemm_rate(bdir)
+    rate_default, _ = None, None
     configs = [("as is", {})]
     if cpu_has_avx512f():
         configs.append(("SkylakeX", {"OPENBLAS_CORETYPE": "SkylakeX"}))
     ref_cols = [(t, name, env) for name, env in configs for t in (1, 2)]
+    luna_cols = [("f16", []), ("f32", ["--weight-dtype", "f32"])]
 
     cases = [("CLIP-L", [clip_l], tok_l), ("SDXL L+G", [clip_l, clip_g], tok_x)]
-    luna_res, luna1_res, ref_res, errs = {}, {}, {}, {}
-    for label, models, tok in cases:
-        margs = []
-        for m in models:
-            margs += ["--model", m]
-        out_luna = bdir / ("out-luna-%s.safetensors" % label[:4].lower())
-        if os.access(luna, os.X_OK):
-            log("luna: %s ..." % label)
-            luna_res[label] = run_json([luna, "encode", "--local"] + margs +
-                                       ["--tokens", tok, "--out", out_luna, "--bench", a.runs])
-            log("luna: %s, 1 thread ..." % label)
-            luna1_res[label] = run_json([luna, "encode", "--local"] + margs +
-                                        ["--tokens", tok, "--out", out_luna, "--bench", a.runs, "--threads", 1])
-        else:
-            luna_res[label] = luna1_res[label] = (None, "%s not built" % luna)
-        out_ref = None
-        for threads, cname, extra in ref_cols:
-            env = dict(os.environ)
-            env.update(extra)
-            # both pools: torch's OpenMP threads and OpenBLAS's own
-            env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
-            out = bdir / ("out-ref-%s-%d-%s.safetensors" % (label[:4].lower(), threads, cname.replace(" ", "")))
-            log("reference: %s, %d thread(s), OpenBLAS %s ..." % (label, threads, cname))
-            ref_res[(label, threads, cname)] = run_json([PYTHON, REF] + margs +
-                                                        ["--tokens", tok, "--out", out,
-                                                         "--threads", threads, "--bench", a.runs], env=env)
-            if out_ref is None and ref_res[(label, threads, cname)][0] is not None:
-                out_ref = out
-        if luna_res[label][0] is not None and out_ref is not None:
-            errs[label] = out_err(out_luna, out_ref)
+    runs = {}   # key -> list of result dicts
+    errors = {}
+    outs = {}
+    for rnd in range(a.rounds):
+        for label, models, tok in cases:
+            margs = []
+            for m in models:
+                margs += ["--model", m]
+            for wname, extra in luna_cols:
+                out = bdir / ("out-luna-%s-%s.safetensors" % (label[:4].lower(), wname))
+                log("[round %d/%d] luna %s: %s ..." % (rnd + 1, a.rounds, wname, label))
+                j, e = run_json([luna, "encode", "--local"] + margs + extra +
+                                ["--tokens", tok, "--out", out, "--bench", a.runs])
+                runs.setdefault(("luna", label, wname), []).append(j)
+                if e:
+                    errors[("luna", label, wname)] = e
+                outs[("luna", label, wname)] = out
+            for threads, cname, extra in ref_cols:
+                env = dict(os.environ)
+                env.update(extra)
+                # both pools: torch's OpenMP threads and OpenBLAS's own
+                env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(threads)
+                out = bdir / ("out-ref-%s-%d-%s.safetensors" % (label[:4].lower(), threads, cname.replace(" ", "")))
+                log("[round %d/%d] reference: %s, %d thread(s), OpenBLAS %s ..." % (rnd + 1, a.rounds, label, threads, cname))
+                j, e = run_json([PYTHON, REF] + margs + ["--tokens", tok, "--out", out, "--threads", threads,
+                                                         "--bench", a.runs], env=env)
+                runs.setdefault(("ref", label, threads, cname), []).append(j)
+                if e:
+                    errors[("ref", label, threads, cname)] = e
+                outs[("ref", label, threads, cname)] = out
 
-    # ---- derived rows
+    def med(key, field="median_ms"):
+        return median([j.get(field) for j in runs.get(key, []) if j])
+
     fl = encoder_flops(*make_models.FULL["l"])
     fg = encoder_flops(*make_models.FULL["g"], proj=True)
     flops = {"CLIP-L": fl, "CLIP-G (derived)": fg, "SDXL L+G": fl + fg}
 
-    def med(res):
-        return res[0]["median_ms"] if res and res[0] else None
-
-    def luna_ms(row, res=None):
-        res = luna_res if res is None else res
+    def ms(kind, row, *rest):
         if row == "CLIP-G (derived)":
-            x, y = med(res["SDXL L+G"]), med(res["CLIP-L"])
+            x, y = med((kind, "SDXL L+G") + rest), med((kind, "CLIP-L") + rest)
             return None if x is None or y is None else x - y
-        return med(res[row])
-
-    def ref_ms(row, threads, cname):
-        if row == "CLIP-G (derived)":
-            x, y = med(ref_res[("SDXL L+G", threads, cname)]), med(ref_res[("CLIP-L", threads, cname)])
-            return None if x is None or y is None else x - y
-        return med(ref_res[(row, threads, cname)])
+        return med((kind, row) + rest)
 
     rows = ["CLIP-L", "CLIP-G (derived)", "SDXL L+G"]
     print()
-    print("## luna vs PyTorch reference (one 77-token chunk, median of %d, ms)" % a.runs)
+    print("## luna vs PyTorch reference: one 77-token chunk, ms (median over %d processes x %d encodes)"
+          % (a.rounds, a.runs))
     print()
     if rate:
-        print("SGEMM rate (sgemm-rate): %.1f GFLOP/s (n=%s, core %s)" % (rate["gflops"], rate.get("n", "?"),
-                                                                        rate.get("core", "?")))
+        print("SGEMM rate (build/bench/sgemm-rate, %sx%s fp32, %s threads): **%.1f GFLOP/s** (OpenBLAS core %s)"
+              % (rate.get("n"), rate.get("n"), rate.get("threads"), rate["gflops"], rate.get("core", "?")))
     else:
         print("SGEMM rate: unavailable (%s)" % rate_err)
     print()
-    threads = next((r[0].get("threads") for r in luna_res.values() if r[0]), None)
-    head = ["encode", "luna (%s threads)" % (threads or "default"), "luna 1T"] + ["ref %dT %s" % (t, c) for t, c, _ in ref_cols] + \
-           ["best ref", "speed-up (best ref / luna)", "luna GFLOP/s", "luna / SGEMM rate"]
+    head = ["encode", "luna f16", "luna f32"] + ["ref %dT %s" % (t, c) for t, c, _ in ref_cols] + \
+           ["best ref", "best ref / luna f16", "best ref / luna f32", "luna f16 GFLOP/s (of SGEMM)",
+            "luna f32 GFLOP/s (of SGEMM)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:
-        lm = luna_ms(row)
-        refs = [ref_ms(row, t, c) for t, c, _ in ref_cols]
+        l16, l32 = ms("luna", row, "f16"), ms("luna", row, "f32")
+        refs = [ms("ref", row, t, c) for t, c, _ in ref_cols]
         valid = [(v, "%dT %s" % (t, c)) for v, (t, c, _) in zip(refs, ref_cols) if v is not None]
         best = min(valid) if valid else None
-        gf = flops[row] / (lm * 1e6) if lm else None
-        cells = [row + " (%.1f GFLOP)" % (flops[row] / 1e9), fmt_ms(lm), fmt_ms(luna_ms(row, luna1_res))]
+        cells = [row + " (%.1f GFLOP)" % (flops[row] / 1e9), fmt_ms(l16), fmt_ms(l32)]
         cells += [fmt_ms(v) for v in refs]
         cells.append("%s (%s)" % (fmt_ms(best[0]), best[1]) if best else "—")
-        cells.append("%.2fx" % (best[0] / lm) if best and lm else "—")
-        cells.append("%.1f" % gf if gf else "—")
-        cells.append("%.0f%%" % (100 * gf / rate["gflops"]) if gf and rate else "—")
+        for lm in (l16, l32):
+            cells.append("%.2fx" % (best[0] / lm) if best and lm else "—")
+        for lm in (l16, l32):
+            gf = flops[row] / (lm * 1e6) if lm else None
+            cells.append("%.1f (%.0f%%)" % (gf, 100 * gf / rate["gflops"]) if gf and rate else
+                         ("%.1f" % gf if gf else "—"))
         print("| " + " | ".join(cells) + " |")
     print()
     print("CLIP-G (derived) = (SDXL L+G) - (CLIP-L), on each side: luna serves no G-only model. "
-          "GFLOP counts 2*77*(linear weights) plus the full 77x77 q k^T and p v products per layer.")
+          "GFLOP counts 2*77*(linear weights) plus the full 77x77 q k^T and p v products per layer. "
+          "luna runs one worker per CPU; 'ref NT' is torch with N threads (torch.set_num_threads and "
+          "OPENBLAS_NUM_THREADS), 'as is' with Debian's OpenBLAS choosing its kernels, 'SkylakeX' with "
+          "OPENBLAS_CORETYPE=SkylakeX.")
 
-    # ---- failures, memory, agreement
-    notes = []
-    for name, res in (("luna", luna_res), ("luna 1T", luna1_res)):
-        for label, (j, e) in res.items():
-            if e:
-                notes.append("%s %s: %s" % (name, label, e))
-    for (label, t, c), (j, e) in ref_res.items():
-        if e:
-            notes.append("reference %s %dT %s: %s" % (label, t, c, e))
     print()
-    print("## luna memory")
+    print("## luna resident memory (RSS after the timed encodes; every weight page touched)")
     print()
-    print("| model | weights MiB | RSS after load MiB | RSS after the timed encodes MiB | "
-          "(RSS after encodes) / weights | other fields (luna --bench JSON) |")
+    print("| model | in-memory dtype | weights MiB | RSS after load MiB | RSS after encodes MiB | "
+          "RSS - weights MiB |")
     print("|---|---|---|---|---|---|")
     for label in ("CLIP-L", "SDXL L+G"):
-        j = luna_res[label][0]
-        if not j:
-            print("| %s | — | — | — | — | %s |" % (label, luna_res[label][1]))
-            continue
-        w, r0, r1 = j.get("weights_mib"), j.get("rss_after_load_mib"), j.get("rss_mib")
-        other = ", ".join("%s=%s" % (k, v) for k, v in j.items()
-                          if k not in ("median_ms", "min_ms", "rss_after_load_mib", "rss_mib", "weights_mib"))
-        num = (int, float)
-        ratio = "%.2f" % (r1 / w) if isinstance(w, num) and isinstance(r1, num) and w else "—"
-        print("| %s | %s | %s | %s | %s | %s |" % (label, w, "—" if r0 is None else r0,
-                                                   "—" if r1 is None else r1, ratio, other or ""))
+        for wname, _ in luna_cols:
+            key = ("luna", label, wname)
+            w, r0, r1 = med(key, "weights_mib"), med(key, "rss_after_load_mib"), med(key, "rss_mib")
+            if w is None:
+                print("| %s | %s | — | — | — | %s |" % (label, wname, errors.get(key, "no result")))
+                continue
+            print("| %s | %s | %.1f | %.1f | %.1f | %+.1f |" % (label, wname, w, r0, r1, r1 - w))
     print()
-    print("An mmap-ing loader touches its weights only when it first encodes, so RSS right after "
-          "loading can be far below the weights' size; the RSS after the timed encodes is the resident cost.")
+    print("F16 weights are used in place from the read-only file mapping, so the RSS right after "
+          "loading is small; pages come in on the first encode and are shared with any other process "
+          "mapping the same file.")
     print()
-    for label, e in errs.items():
-        if "error" in e:
-            print("luna vs reference output (%s): could not compare: %s" % (label, e["error"]))
-        else:
-            print("luna vs reference output (%s): max rel err cond %.2g, pooled %.2g"
-                  % (label, e["cond"], e["pooled"]))
-    for n in notes:
-        print("note: " + n)
+    for label, _, _ in cases:
+        ref_key = next((k for k in outs if k[0] == "ref" and k[1] == label and k not in errors), None)
+        for wname, _ in luna_cols:
+            lk = ("luna", label, wname)
+            if lk in outs and lk not in errors and ref_key:
+                e = out_err(outs[lk], outs[ref_key])
+                if "error" in e:
+                    print("luna %s vs reference (%s): could not compare: %s" % (wname, label, e["error"]))
+                else:
+                    print("luna %s vs reference output (%s): max rel err cond %.2g, pooled %.2g"
+                          % (wname, label, e["cond"], e["pooled"]))
+    for k, e in errors.items():
+        print("note: %s: %s" % (" ".join(str(x) for x in k), e))
     return 0
 
 
