@@ -26,17 +26,21 @@ CFLAGS  := -std=c11 $(OPT) -g $(ARCH) -Wall -Wextra -Werror -Wshadow -Wstrict-pr
 LDFLAGS := -pthread $(SANFLAGS)
 LIBS    := -lopenblas -lcjson -lutf8proc -lm
 
-LIB_SRC := $(sort $(wildcard src/core/*.c src/ops/*.c src/models/*.c src/text/*.c))
+LIB_SRC := $(sort $(wildcard src/core/*.c src/ops/*.c src/models/*.c src/text/*.c src/proto/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 CLI_SRC := $(sort $(wildcard src/cli/*.c))
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
+SERVER_SRC := $(sort $(wildcard src/server/*.c))
+SERVER_OBJ := $(SERVER_SRC:%.c=$(BUILD)/obj/%.o)
+CLIENT_SRC := $(sort $(wildcard src/client/*.c))
+CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/obj/%.o)
 TEST_SRC := $(sort $(wildcard tests/unit/test-*.c))
 TEST_BIN := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 BENCH_SRC := $(sort $(wildcard bench/*.c))
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
 .PHONY: all deps run test test-c test-py bench fuzz clean
-all: $(BUILD)/luna $(TEST_BIN) $(BENCH_BIN) $(BUILD)/demo/demo-sd1.safetensors
+all: $(BUILD)/luna $(BUILD)/lunad $(TEST_BIN) $(BENCH_BIN) $(BUILD)/demo/demo-sd1.safetensors
 
 deps:
 	@bash scripts/deps.sh
@@ -50,6 +54,45 @@ $(BUILD)/libluna-internal.a: $(LIB_OBJ)
 	ar rcs $@ $^
 
 $(BUILD)/luna: $(CLI_OBJ) $(BUILD)/libluna-internal.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+# ---- Client library: libluna.a and libluna.so (src/client/, API in include/luna.h) ----
+# The client with the parts of luna it uses: the frame codec, status names, UTF-8 and
+# safetensors entry validation. No BLAS, no models: it needs only -lcjson -lm.
+# Both libraries are built from -fPIC -fvisibility=hidden objects in $(BUILD)/pic/, so
+# only LUNA_API symbols are exported: the .so by the linker; the .a holds one object
+# made with 'ld -r' whose hidden symbols 'objcopy --localize-hidden' turned local, so
+# the internal names (st_*, frame_*, ...) cannot clash with a program's own.
+# The CLI reaches the client through libluna-internal.a, which gets the client too.
+CLIENT_SRC  := $(sort $(wildcard src/client/*.c))
+CLIENT_OBJ  := $(CLIENT_SRC:%.c=$(BUILD)/obj/%.o)
+LUNALIB_SRC := $(CLIENT_SRC) $(sort $(wildcard src/proto/*.c)) \
+               src/core/status.c src/core/utf8.c src/core/safetensors.c src/core/fp16.c
+LUNALIB_PIC := $(LUNALIB_SRC:%.c=$(BUILD)/pic/%.o)
+LUNALIB_LIBS := -lcjson -lm
+
+all: $(BUILD)/libluna.a $(BUILD)/libluna.so
+
+$(BUILD)/libluna-internal.a: $(CLIENT_OBJ)
+
+$(BUILD)/pic/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fPIC -fvisibility=hidden -c $< -o $@
+
+$(BUILD)/libluna.so: $(LUNALIB_PIC)
+	$(CC) $(LDFLAGS) -shared -Wl,--no-undefined -o $@ $^ $(LUNALIB_LIBS)
+
+$(BUILD)/libluna.a: $(LUNALIB_PIC)
+	ld -r -o $(BUILD)/pic/libluna-all.o $^
+	objcopy --localize-hidden $(BUILD)/pic/libluna-all.o
+	@rm -f $@
+	ar rcs $@ $(BUILD)/pic/libluna-all.o
+
+-include $(CLIENT_OBJ:.o=.d) $(LUNALIB_PIC:.o=.d)
+# ---- end of the client library block ----------------------------------------------
+
+# lunad: the daemon (src/server/), with the client library for the shared defaults
+$(BUILD)/lunad: $(SERVER_OBJ) $(CLIENT_OBJ) $(BUILD)/libluna-internal.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libluna-internal.a
@@ -86,7 +129,7 @@ bench: deps
 
 FUZZ_SRC := $(sort $(wildcard fuzz/fuzz-*.c))
 FUZZ_BIN := $(FUZZ_SRC:fuzz/%.c=build/fuzz/%)
-FUZZ_LIB := $(sort $(wildcard src/core/*.c src/text/*.c))
+FUZZ_LIB := $(sort $(wildcard src/core/*.c src/text/*.c src/proto/*.c))
 build/fuzz/%: fuzz/%.c $(FUZZ_LIB)
 	@mkdir -p $(dir $@)
 	clang -std=c11 -O1 -g $(ARCH) -D_GNU_SOURCE -Iinclude -Isrc -I/usr/include/cjson \
@@ -96,11 +139,13 @@ fuzz: deps
 	@$(MAKE) --no-print-directory $(FUZZ_BIN)
 	@set -e; for f in $(FUZZ_BIN); do \
 	  n=$$(basename $$f); mkdir -p build/fuzz/corpus-$$n; \
-	  echo "== $$n for $(FUZZ_SECONDS) s"; \
-	  $$f -max_total_time=$(FUZZ_SECONDS) -max_len=65536 build/fuzz/corpus-$$n fuzz/seeds/$$n; \
+	  echo "== $$n for $(FUZZ_SECONDS) s (log: build/fuzz/$$n.log)"; \
+	  if ! $$f -max_total_time=$(FUZZ_SECONDS) -max_len=65536 build/fuzz/corpus-$$n fuzz/seeds/$$n \
+	       > build/fuzz/$$n.log 2>&1; then tail -60 build/fuzz/$$n.log; exit 1; fi; \
+	  grep -E '^Done [0-9]+ runs' build/fuzz/$$n.log || tail -2 build/fuzz/$$n.log; \
 	done
 
 clean:
 	rm -rf build
 
--include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(SERVER_OBJ:.o=.d) $(CLIENT_OBJ:.o=.d)

@@ -1,4 +1,4 @@
-/* luna.h -- the public interface of luna: status codes (the client API joins later) */
+/* luna.h -- the public interface of luna: status codes and the client library */
 /* SPDX-License-Identifier: MIT */
 /*
 ** If a function or constant does not appear in this file, it is not a published
@@ -35,7 +35,18 @@ extern "C" {
   XX(ETOKENS,   -10, "invalid token input")                                   \
   XX(EJSON,     -11, "invalid JSON")                                          \
   XX(EUTF8,     -12, "invalid UTF-8")                                         \
-  XX(EINTERNAL, -13, "internal error")
+  XX(EINTERNAL, -13, "internal error")                                        \
+  XX(EPROTO,    -14, "protocol error")                                        \
+  XX(EVERSION,  -15, "unsupported protocol version")                          \
+  XX(EAUTH,     -16, "authentication required or failed")                     \
+  XX(ETOOBIG,   -17, "frame too large")                                       \
+  XX(EBUSY,     -18, "server busy: queue full")                               \
+  XX(ETIMEDOUT, -19, "deadline expired")                                      \
+  XX(ENOTFOUND, -20, "model not found")                                       \
+  XX(EACCES,    -21, "path outside the models folders")                       \
+  XX(ESHUTDOWN, -22, "server shutting down")                                  \
+  XX(ECONN,     -23, "connection failed or closed")                           \
+  XX(EUNKNOWN,  -24, "unknown message type")
 
 enum luna_status {
 #define LUNA_XX_(name, code, text) LUNA_##name = (code),
@@ -51,6 +62,131 @@ LUNA_API const char *luna_strerror(int status);
 
 /* luna_status_name returns the code's name without the prefix, e.g. "EFORMAT". */
 LUNA_API const char *luna_status_name(int status);
+
+/*
+** ---------------------------------------------------------------------------------
+** The client library: libluna.a / libluna.so (link a static build with -lcjson -lm).
+**
+** A luna_client is one connection to lunad, over its Unix socket or over TCP. Every
+** call blocks until the daemon's reply has arrived (or the connection fails) and
+** returns 0 or a negative status. Statuses that lunad sent back (ENOTFOUND, EBUSY,
+** ETIMEDOUT, ...) are returned as they came; failures on this side are LUNA_ECONN
+** (connecting, reading or writing), LUNA_EPROTO (a reply that breaks the protocol),
+** LUNA_EINVAL (a bad argument) or LUNA_ENOMEM. After any call, luna_client_errcode
+** and luna_client_errmsg tell what happened.
+**
+** After a connection-level failure (LUNA_ECONN, or a reply that cannot be framed) the
+** handle is disconnected: later calls fail with LUNA_ECONN until it is closed and a
+** new one is connected. A status that the daemon sent leaves the connection usable.
+**
+** Threads: a handle is used by one thread at a time (calls on one handle must not
+** overlap); different handles are independent and may be used from different threads
+** at once. To encode from several threads in parallel, give each its own handle.
+** Nothing in this library installs signal handlers; writes use MSG_NOSIGNAL, so a
+** daemon that goes away is reported as LUNA_ECONN instead of raising SIGPIPE.
+*/
+typedef struct luna_client luna_client;
+
+/*
+** luna_client_connect_unix connects to lunad's Unix socket at 'path' (NULL: the
+** default, luna_default_socket()). luna_client_connect_tcp connects to 'host':'port'
+** (a name or a numeric IPv4/IPv6 address) and sends the hello that authenticates the
+** connection with 'token' (required, the content of lunad's --token-file); a wrong
+** token fails with LUNA_EAUTH.
+**
+** Both return a status and store a handle in '*out' even on failure, so that
+** luna_client_errmsg can say what went wrong; the caller closes it either way. Only
+** when memory for the handle itself cannot be had is '*out' NULL (LUNA_ENOMEM).
+*/
+LUNA_API int luna_client_connect_unix(const char *path, luna_client **out);
+LUNA_API int luna_client_connect_tcp(const char *host, int port, const char *token, luna_client **out);
+
+/* luna_client_close closes the connection and frees 'c'. Closing NULL is a harmless no-op. */
+LUNA_API void luna_client_close(luna_client *c);
+
+/*
+** luna_client_errcode returns the status of the most recent call on 'c' (0 when it
+** succeeded). luna_client_errmsg returns its message: "" after a success, otherwise
+** the status name followed by what failed, e.g.
+**   "ENOTFOUND: model 'sdxl.safetensors' is in none of the models folders"
+** where the text after the name is the daemon's own message for statuses the daemon
+** sent. The string belongs to 'c' and is valid until the next call on it. For NULL
+** (a handle that could not be allocated) they return LUNA_ENOMEM and "out of memory".
+*/
+LUNA_API int luna_client_errcode(const luna_client *c);
+LUNA_API const char *luna_client_errmsg(const luna_client *c);
+
+/* luna_client_ping sends a ping and waits for the reply. */
+LUNA_API int luna_client_ping(luna_client *c);
+
+/*
+** luna_client_call_json sends one request of message type 'type' (LUNA_MSG_* in
+** luna_proto.h: health, status, models, ...) whose JSON part is 'json' (a JSON object;
+** NULL sends {}), and waits for the reply. On success, when 'reply_json' is not NULL,
+** '*reply_json' receives the reply's JSON part as a NUL-terminated string that the
+** caller frees with luna_free (a binary part, if any, is discarded; use
+** luna_client_encode for encodes). On failure '*reply_json' is NULL.
+*/
+LUNA_API int luna_client_call_json(luna_client *c, int type, const char *json, char **reply_json);
+
+/*
+** An encode request (docs/PROTOCOL.md, "6 encode"). Zero-initialise it and fill in:
+**   models       1 to 4 paths relative to the daemon's models folders: a checkpoint, or
+**                a clip_l and a clip_g file
+**   n_models     how many
+**   text         the prompt, tokenized by the daemon (which needs --tokenizer), or NULL
+**   tokens_json  the JSON text of ComfyUI's tokens object {"l": [...], "g": [...]}, or
+**                NULL; exactly one of 'text' and 'tokens_json' is set
+**   clip_layer   -N as CLIPSetLastLayer(-N); 0: the family's default
+**   deadline_ms  drop the request if its work has not started within this many ms; 0: none
+**   no_cache     nonzero: bypass the daemon's result cache
+*/
+typedef struct luna_encode_args {
+  const char *const *models;
+  int n_models;
+  const char *text;
+  const char *tokens_json;
+  int clip_layer;
+  int deadline_ms;
+  int no_cache;
+} luna_encode_args;
+
+/*
+** The result of an encode: ComfyUI's conditioning. 'cond' holds cond_shape[0] *
+** cond_shape[1] * cond_shape[2] floats ([1, 77 * chunks, D]), 'pooled' pooled_shape[0]
+** * pooled_shape[1] ([1, Dp]), both row-major and owned by the result. 'family' is
+** "sd1" or "sdxl"; 'cached' is nonzero when the daemon answered from its cache.
+*/
+typedef struct luna_encode_result {
+  float *cond;
+  int64_t cond_shape[3];
+  float *pooled;
+  int64_t pooled_shape[2];
+  char family[8];
+  int cached;
+} luna_encode_result;
+
+/*
+** luna_client_encode runs the text encoders of 'a'->models on the daemon and fills
+** 'r', which it overwrites without freeing (free a previous result first). On failure
+** 'r' is left empty (NULL pointers) and luna_encode_result_free on it is harmless.
+** The values equal `luna encode --local` on the same files, bit for bit.
+*/
+LUNA_API int luna_client_encode(luna_client *c, const luna_encode_args *a, luna_encode_result *r);
+
+/* luna_encode_result_free frees the result's buffers and empties it; NULL is a no-op. */
+LUNA_API void luna_encode_result_free(luna_encode_result *r);
+
+/* luna_free frees memory that this library returned (luna_client_call_json's reply). */
+LUNA_API void luna_free(void *p);
+
+/*
+** luna_default_socket returns the socket path that lunad and its clients use when
+** none is given: $LUNA_SOCKET if set and not empty, else $XDG_RUNTIME_DIR/lunad.sock
+** if that variable is set and not empty, else /tmp/lunad-<uid>.sock. The string is
+** valid until the calling thread calls luna_default_socket again.
+*/
+LUNA_API const char *luna_default_socket(void);
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,7 @@
 #include "ops/ops.h"
 #include "text/tokenizer.h"
 
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,30 +19,43 @@
 
 static void usage(FILE *f) {
   fprintf(f,
-          "usage: luna encode --local --model FILE [--model FILE2]\n"
+          "usage: luna [--socket PATH | --connect HOST:PORT --token-file F] encode\n"
+          "                   --model REL [--model REL2] (--text TEXT | --tokens FILE.json)\n"
+          "                   [--clip-layer -N] --out OUT.safetensors [--deadline-ms N] [--no-cache]\n"
+          "       luna encode --local --model FILE [--model FILE2]\n"
           "                   (--text TEXT --tokenizer DIR | --tokens FILE.json)\n"
           "                   [--clip-layer -N] --out OUT.safetensors [options]\n"
           "\n"
           "Encodes a prompt exactly as ComfyUI's CLIPTextEncode does and writes 'cond'\n"
-          "(F32 [1, 77*chunks, D]) and 'pooled' (F32 [1, Dp]) to OUT.safetensors.\n"
+          "(F32 [1, 77*chunks, D]) and 'pooled' (F32 [1, Dp]) to OUT.safetensors, with the\n"
+          "metadata luna.family (sd1 or sdxl). Without --local, lunad does the work: model\n"
+          "paths are relative to its models folders and --text is tokenized by lunad (which\n"
+          "then needs its own --tokenizer). The results are the same bit for bit.\n"
           "\n"
-          "  --local             run the encoders in this process (required until lunad exists)\n"
+          "  --local             run the encoders in this process instead of asking lunad\n"
           "  --model FILE        an SD1/SDXL checkpoint, or a clip_l / clip_g file (repeatable);\n"
           "                      the family (SD1 or SDXL) follows from the encoders found\n"
           "  --text TEXT         the prompt, with ComfyUI's (weight:1.2) syntax\n"
-          "  --tokenizer DIR     folder with vocab.json and merges.txt (ComfyUI's comfy/sd1_tokenizer)\n"
+          "  --tokenizer DIR     (--local) folder with vocab.json and merges.txt (ComfyUI's\n"
+          "                      comfy/sd1_tokenizer)\n"
           "  --tokens FILE.json  token/weight chunks as ComfyUI's CLIP.tokenize() returns them:\n"
           "                      {\"l\": [[[id, weight], ...77], ...], \"g\": [...]}\n"
           "  --clip-layer -N     CLIPSetLastLayer(-N); default: the family's own layer\n"
           "  --out FILE          output safetensors file\n"
-          "  --bench N           encode N more times and print timing JSON on stderr\n"
-          "  --weight-dtype T    in-memory weights: f16 (default, half the memory) or f32\n"
-          "  --threads N         compute threads (default: one per CPU)\n"
+          "  --bench N           encode N more times and print timing JSON on stderr (through\n"
+          "                      lunad: whole round trips, \"mode\": \"daemon\")\n"
+          "  --deadline-ms N     (lunad) give up if the work has not started within N ms\n"
+          "  --no-cache          (lunad) bypass lunad's result cache\n"
+          "  --weight-dtype T    (--local) in-memory weights: f16 (default, half the memory) or f32\n"
+          "  --threads N         (--local) compute threads (default: one per CPU)\n"
           "  --summary           print the outputs' shapes and first values\n"
-          "  -h, --help          this text\n");
+          "  -h, --help          this text\n"
+          "\n"
+          "Exit status: 0 success, 1 failure (the message names what failed, with lunad's\n"
+          "error name when it was lunad's), 2 usage error.\n");
 }
 
-static double now_ms(void) {
+double cmd_now_ms(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
@@ -62,10 +76,35 @@ static int cmp_double(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
+double cmd_median_ms(double *ms, long n) {
+  qsort(ms, (size_t)n, sizeof(double), cmp_double);
+  return n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+}
+
+int cmd_write_conditioning(const char *path, const float *cond, int64_t n_tokens, int64_t dim,
+                           const float *pooled, int64_t pooled_dim, const char *family, char *err) {
+  st_wtensor outs[2] = {
+      {"cond", ST_F32, 3, {1, n_tokens, dim}, cond},
+      {"pooled", ST_F32, 2, {1, pooled_dim}, pooled},
+  };
+  const char *meta[] = {"luna.family", family};
+  return st_write(path, outs, 2, meta, 1, err);
+}
+
+void cmd_print_conditioning(const float *cond, int64_t n_tokens, int64_t dim, const float *pooled,
+                            int64_t pooled_dim, const char *out_path) {
+  printf("cond   [1, %lld, %lld]:", (long long)n_tokens, (long long)dim);
+  for (int64_t i = 0; i < 6 && i < n_tokens * dim; i++) printf(" %+.6f", cond[i]);
+  printf(" ...\npooled [1, %lld]:", (long long)pooled_dim);
+  for (int64_t i = 0; i < 6 && i < pooled_dim; i++) printf(" %+.6f", pooled[i]);
+  printf(" ...\nwritten to %s\n", out_path);
+}
+
 static int parse_int(const char *s, const char *opt, long lo, long hi, long *out) {
+  errno = 0;
   char *end;
   long v = strtol(s, &end, 10);
-  if (!*s || *end || v < lo || v > hi) {
+  if (!*s || *end || errno || v < lo || v > hi) {
     fprintf(stderr, "luna encode: %s wants an integer in [%ld, %ld], got '%s'\n", opt, lo, hi, s);
     return -1;
   }
@@ -73,23 +112,26 @@ static int parse_int(const char *s, const char *opt, long lo, long hi, long *out
   return 0;
 }
 
-int cmd_encode(int argc, char **argv) {
-  enum { O_LOCAL = 256, O_MODEL, O_TEXT, O_TOKENIZER, O_TOKENS, O_LAYER, O_OUT, O_BENCH, O_WDTYPE, O_THREADS, O_SUMMARY };
+int cmd_encode(const cmd_target *target, int argc, char **argv) {
+  enum { O_LOCAL = 256, O_MODEL, O_TEXT, O_TOKENIZER, O_TOKENS, O_LAYER, O_OUT, O_BENCH, O_WDTYPE, O_THREADS,
+         O_SUMMARY, O_DEADLINE, O_NOCACHE };
   static const struct option opts[] = {
       {"local", no_argument, 0, O_LOCAL},         {"model", required_argument, 0, O_MODEL},
       {"text", required_argument, 0, O_TEXT},      {"tokenizer", required_argument, 0, O_TOKENIZER},
       {"tokens", required_argument, 0, O_TOKENS},  {"clip-layer", required_argument, 0, O_LAYER},
       {"out", required_argument, 0, O_OUT},        {"bench", required_argument, 0, O_BENCH},
       {"weight-dtype", required_argument, 0, O_WDTYPE}, {"threads", required_argument, 0, O_THREADS},
-      {"summary", no_argument, 0, O_SUMMARY},      {"help", no_argument, 0, 'h'},
+      {"summary", no_argument, 0, O_SUMMARY},      {"deadline-ms", required_argument, 0, O_DEADLINE},
+      {"no-cache", no_argument, 0, O_NOCACHE},     {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
   const char *models[MAX_MODELS], *text = NULL, *tokdir = NULL, *tokfile = NULL, *out_path = NULL;
-  int n_models = 0, local = 0, summary = 0;
-  long clip_layer = 0, bench = 0, threads = 0;
+  int n_models = 0, local = 0, summary = 0, no_cache = 0, wtype_set = 0;
+  long clip_layer = 0, bench = 0, threads = 0, deadline_ms = 0;
   ops_wtype wtype = OPS_W_F16;
   optind = 1;
+  opterr = 0; /* messages below name the command */
   int c;
-  while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+  while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
     switch (c) {
     case O_LOCAL: local = 1; break;
     case O_MODEL:
@@ -106,7 +148,10 @@ int cmd_encode(int argc, char **argv) {
     case O_OUT: out_path = optarg; break;
     case O_BENCH: if (parse_int(optarg, "--bench", 0, 100000, &bench)) return 2; break;
     case O_THREADS: if (parse_int(optarg, "--threads", 1, 1024, &threads)) return 2; break;
+    case O_DEADLINE: if (parse_int(optarg, "--deadline-ms", 1, 86400000, &deadline_ms)) return 2; break;
+    case O_NOCACHE: no_cache = 1; break;
     case O_WDTYPE:
+      wtype_set = 1;
       if (!strcmp(optarg, "f16")) wtype = OPS_W_F16;
       else if (!strcmp(optarg, "f32")) wtype = OPS_W_F32;
       else {
@@ -116,7 +161,13 @@ int cmd_encode(int argc, char **argv) {
       break;
     case O_SUMMARY: summary = 1; break;
     case 'h': usage(stdout); return 0;
-    default: usage(stderr); return 2;
+    case ':':
+      fprintf(stderr, "luna encode: option '%s' needs a value\n", argv[optind - 1]);
+      return 2;
+    default:
+      fprintf(stderr, "luna encode: unknown option '%s'\n", argv[optind - 1]);
+      usage(stderr);
+      return 2;
     }
   }
   if (optind < argc) {
@@ -124,8 +175,22 @@ int cmd_encode(int argc, char **argv) {
     return 2;
   }
   if (!local) {
-    fprintf(stderr, "luna encode: encoding through the daemon is not available in this build; "
-                    "pass --local to encode in this process\n");
+    if (tokdir || wtype_set || threads) {
+      fprintf(stderr, "luna encode: --tokenizer, --weight-dtype and --threads apply to --local only "
+                      "(lunad uses its own settings)\n");
+      return 2;
+    }
+    if (!n_models || !out_path || !text == !tokfile) {
+      fprintf(stderr, "luna encode: need --model, --out, and either --text or --tokens\n");
+      usage(stderr);
+      return 2;
+    }
+    cmd_encode_opts o = {models, n_models, text, tokfile, out_path, (int)clip_layer, bench,
+                         summary, (int)deadline_ms, no_cache};
+    return cmd_encode_daemon(target, &o);
+  }
+  if (deadline_ms || no_cache) {
+    fprintf(stderr, "luna encode: --deadline-ms and --no-cache apply to lunad, not to --local\n");
     return 2;
   }
   if (!n_models || !out_path || (!text == !tokfile) || (text && !tokdir) || (tokdir && !text)) {
@@ -143,9 +208,9 @@ int cmd_encode(int argc, char **argv) {
   te_output o = {0};
   double *times = NULL;
 
-  double t0 = now_ms();
+  double t0 = cmd_now_ms();
   if (te_set_load(models, n_models, wtype, &set, err)) goto fail;
-  double load_ms = now_ms() - t0, rss_load = rss_mib();
+  double load_ms = cmd_now_ms() - t0, rss_load = rss_mib();
   te_family fam = te_set_family(set);
 
   if (tokfile) {
@@ -167,31 +232,26 @@ int cmd_encode(int argc, char **argv) {
     goto fail;
   }
   const tok_chunks *gp = fam == TE_SDXL ? &tg : NULL;
-  double t1 = now_ms();
+  double t1 = cmd_now_ms();
   if (te_set_encode(set, pool, &tl, gp, (int)clip_layer, &o, err)) goto fail;
-  double first_ms = now_ms() - t1;
+  double first_ms = cmd_now_ms() - t1;
 
-  st_wtensor outs[2] = {
-      {"cond", ST_F32, 3, {1, o.n_tokens, o.dim}, o.cond},
-      {"pooled", ST_F32, 2, {1, o.pooled_dim}, o.pooled},
-  };
-  const char *meta[] = {"luna.family", te_family_name(fam)};
-  if (st_write(out_path, outs, 2, meta, 1, err)) goto fail;
+  if (cmd_write_conditioning(out_path, o.cond, o.n_tokens, o.dim, o.pooled, o.pooled_dim, te_family_name(fam), err))
+    goto fail;
 
   if (bench > 0) {
     times = malloc((size_t)bench * sizeof(double));
     if (!times) { snprintf(err, sizeof err, "out of memory"); goto fail; }
     for (long i = 0; i < bench; i++) {
       te_output r;
-      double s = now_ms();
+      double s = cmd_now_ms();
       if (te_set_encode(set, pool, &tl, gp, (int)clip_layer, &r, err)) goto fail;
-      times[i] = now_ms() - s;
+      times[i] = cmd_now_ms() - s;
       te_output_free(&r);
     }
-    qsort(times, (size_t)bench, sizeof(double), cmp_double);
-    double med = bench % 2 ? times[bench / 2] : 0.5 * (times[bench / 2 - 1] + times[bench / 2]);
+    double med = cmd_median_ms(times, bench);
     fprintf(stderr,
-            "{\"median_ms\": %.3f, \"min_ms\": %.3f, \"runs\": %ld, \"first_ms\": %.3f, \"load_ms\": %.1f, "
+            "{\"mode\": \"local\", \"median_ms\": %.3f, \"min_ms\": %.3f, \"runs\": %ld, \"first_ms\": %.3f, \"load_ms\": %.1f, "
             "\"rss_after_load_mib\": %.1f, \"rss_mib\": %.1f, \"weights_mib\": %.1f, \"weight_dtype\": \"%s\", "
             "\"threads\": %d, \"blas_core\": \"%s\", \"family\": \"%s\"}\n",
             med, times[0], bench, first_ms, load_ms, rss_load, rss_mib(),
@@ -202,11 +262,7 @@ int cmd_encode(int argc, char **argv) {
     printf("family %s, %d chunk(s), weights %.1f MiB in %s, encoded in %.1f ms\n", te_family_name(fam),
            tl.n_chunks, (double)te_set_weight_bytes(set) / (1024.0 * 1024.0),
            wtype == OPS_W_F16 ? "f16" : "f32", first_ms);
-    printf("cond   [1, %lld, %lld]:", (long long)o.n_tokens, (long long)o.dim);
-    for (int i = 0; i < 6 && i < o.n_tokens * o.dim; i++) printf(" %+.6f", o.cond[i]);
-    printf(" ...\npooled [1, %lld]:", (long long)o.pooled_dim);
-    for (int i = 0; i < 6 && i < o.pooled_dim; i++) printf(" %+.6f", o.pooled[i]);
-    printf(" ...\nwritten to %s\n", out_path);
+    cmd_print_conditioning(o.cond, o.n_tokens, o.dim, o.pooled, o.pooled_dim, out_path);
   }
   rc = 0;
 fail:

@@ -3,9 +3,58 @@
 #ifndef LUNA_CLI_COMMANDS_H
 #define LUNA_CLI_COMMANDS_H
 
+#include <stdint.h>
+
+/* Where the daemon commands connect: the global options given before the command. */
+typedef struct cmd_target {
+  const char *socket;     /* --socket PATH; NULL: luna_default_socket() */
+  const char *connect;    /* --connect HOST:PORT, or NULL for the Unix socket */
+  const char *token_file; /* --token-file FILE, required with 'connect' */
+} cmd_target;
+
 /* Each returns the process exit status: 0 success, 1 failure, 2 usage error. */
-int cmd_encode(int argc, char **argv);
+int cmd_encode(const cmd_target *t, int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_demo_model(int argc, char **argv);
+
+/* cmd_client.c -- commands that talk to lunad */
+int cmd_ping(const cmd_target *t, int argc, char **argv);
+int cmd_health(const cmd_target *t, int argc, char **argv);
+int cmd_status(const cmd_target *t, int argc, char **argv);
+int cmd_models(const cmd_target *t, int argc, char **argv);
+
+/* An encode as 'luna encode' parsed it, for the daemon path (cmd_client.c). */
+typedef struct cmd_encode_opts {
+  const char *const *models;
+  int n_models;
+  const char *text;       /* exactly one of 'text' and 'tokens_file' */
+  const char *tokens_file;
+  const char *out_path;
+  int clip_layer;         /* 0: the family's default */
+  long bench;             /* extra timed runs */
+  int summary;
+  int deadline_ms;        /* 0: none */
+  int no_cache;
+} cmd_encode_opts;
+
+/* cmd_encode_daemon runs 'o' through lunad and writes the same file as --local. */
+int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o);
+
+/* Shared by the local and the daemon encode (cmd_encode.c). */
+
+/* cmd_write_conditioning writes 'cond' (F32 [1, n_tokens, dim]) and 'pooled' (F32
+** [1, pooled_dim]) to 'path' with the metadata luna.family = 'family'. */
+int cmd_write_conditioning(const char *path, const float *cond, int64_t n_tokens, int64_t dim,
+                           const float *pooled, int64_t pooled_dim, const char *family, char *err);
+
+/* cmd_print_conditioning prints the shapes and first values (--summary). */
+void cmd_print_conditioning(const float *cond, int64_t n_tokens, int64_t dim, const float *pooled,
+                            int64_t pooled_dim, const char *out_path);
+
+/* cmd_median_ms sorts the 'n' times in 'ms' and returns their median. */
+double cmd_median_ms(double *ms, long n);
+
+/* cmd_now_ms is a monotonic clock in milliseconds. */
+double cmd_now_ms(void);
 
 #endif

@@ -4,6 +4,7 @@
 
 #include "core/fp16.h"
 #include "core/status.h"
+#include "core/utf8.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -55,29 +56,6 @@ void st_close(st_file *f) {
   free(f);
 }
 
-/* Strict UTF-8 check (no overlongs, no surrogates, nothing above U+10FFFF). */
-static int utf8_valid(const uint8_t *s, size_t n, size_t *bad) {
-  size_t i = 0;
-  while (i < n) {
-    uint8_t c = s[i];
-    size_t k;
-    uint32_t cp;
-    if (c < 0x80) { i++; continue; }
-    if (c >= 0xc2 && c <= 0xdf) { k = 1; cp = c & 0x1f; }
-    else if (c >= 0xe0 && c <= 0xef) { k = 2; cp = c & 0x0f; }
-    else if (c >= 0xf0 && c <= 0xf4) { k = 3; cp = c & 0x07; }
-    else { *bad = i; return 0; }
-    for (size_t j = 1; j <= k; j++) {
-      if (i + j >= n || (s[i + j] & 0xc0) != 0x80) { *bad = i; return 0; }
-      cp = (cp << 6) | (s[i + j] & 0x3f);
-    }
-    if ((k == 2 && cp < 0x800) || (k == 3 && (cp < 0x10000 || cp > 0x10ffff)) ||
-        (cp >= 0xd800 && cp <= 0xdfff)) { *bad = i; return 0; }
-    i += k + 1;
-  }
-  return 1;
-}
-
 /* A JSON number that is a non-negative integer exactly representable (< 2^53). */
 static int json_uint(const cJSON *v, uint64_t *out) {
   if (!cJSON_IsNumber(v)) return 0;
@@ -117,7 +95,7 @@ static int parse_metadata(st_file *f, const cJSON *m, const char *label, char *e
   return 0;
 }
 
-static int parse_entry(st_tensor *t, const cJSON *e, const char *label, char *err) {
+int st_parse_entry(const cJSON *e, st_tensor *t, const char *label, char *err) {
   const char *name = e->string;
   const cJSON *dt = NULL, *sh = NULL, *off = NULL;
   if (!cJSON_IsObject(e))
@@ -230,7 +208,7 @@ int st_parse(const uint8_t *buf, size_t len, const char *label, st_file **out, c
     st_tensor *t = &f->tensors[f->n_tensors];
     if (!(t->name = strdup(e->string))) { rc = luna_fail(err, LUNA_ENOMEM, "%s: out of memory", label); goto done; }
     f->n_tensors++;
-    if ((rc = parse_entry(t, e, label, err))) goto done;
+    if ((rc = st_parse_entry(e, t, label, err))) goto done;
   }
   qsort(f->tensors, f->n_tensors, sizeof(st_tensor), cmp_name);
   for (size_t i = 1; i < f->n_tensors; i++)

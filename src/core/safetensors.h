@@ -59,6 +59,12 @@ int st_parse(const uint8_t *buf, size_t len, const char *label, st_file **out, c
 
 void st_close(st_file *f);
 
+/* st_parse_entry validates one header entry 'e' (a cJSON object named by e->string:
+** dtype, shape, data_offsets; nothing else) into 't' (name not set, data not set).
+** Wire frames describe their tensors the same way. 'label' names the source. */
+struct cJSON;
+int st_parse_entry(const struct cJSON *e, st_tensor *t, const char *label, char *err);
+
 /* st_find returns the tensor called 'name', or NULL. */
 const st_tensor *st_find(const st_file *f, const char *name);
 

@@ -178,103 +178,163 @@ static void select_layer(te_family fam, int n_layers, int clip_layer, int *idx, 
   *final_ln = fam == TE_SD1;   /* SD1 sets layer_norm_hidden_state, SDXL does not */
 }
 
-/* encode_token_weights for one encoder: 'cond' gets [n_chunks*77, D] (or the empty
-** sequence's [77, D] when there are no chunks), 'pooled' chunk 0's pooled output. */
-static int encode_one(const clip_text *m, te_family fam, ops_pool *pool, const tok_chunks *c,
-                      int32_t pad, int clip_layer, int project, float **cond, int64_t *n_tok,
-                      float **pooled, char *err) {
+/* One encoder's part of a request: its chunks in, its cond and pooled out. */
+typedef struct enc_item {
+  const tok_chunks *c;
+  float *cond;       /* [n_tok, D], malloc'd */
+  int64_t n_tok;
+  float *pooled;     /* [dp], malloc'd */
+  int first, n_seq;  /* its sequences in the batch */
+  int has_w;
+} enc_item;
+
+/* encode_token_weights for 'n' requests on one encoder, as one forward pass: every
+** request's chunks, each followed by its empty sequence when it has weights (or no
+** chunks at all). Each item gets [n_chunks*77, D] (or the empty sequence's [77, D]
+** when it has no chunks) and its chunk 0's pooled output. Rows do not influence each
+** other, so the result of a request does not depend on what it is batched with. */
+static int encode_many(const clip_text *m, te_family fam, ops_pool *pool, enc_item *it, int n,
+                       int32_t pad, int clip_layer, int project, char *err) {
   const clip_hparams *hp = clip_text_hparams(m);
-  int n = c->n_chunks, has_w = 0;
-  for (int64_t i = 0; i < (int64_t)n * TOK_CHUNK; i++)
-    if (c->weights[i] != 1.0) has_w = 1;
-  int B = n + (has_w || n == 0);
   int64_t D = hp->d_model, T = TOK_CHUNK;
   int64_t dp = project && hp->d_proj ? hp->d_proj : D;
+  int B = 0;
+  for (int r = 0; r < n; r++) {
+    const tok_chunks *c = it[r].c;
+    it[r].has_w = 0;
+    for (int64_t i = 0; i < (int64_t)c->n_chunks * T; i++)
+      if (c->weights[i] != 1.0) it[r].has_w = 1;
+    it[r].first = B;
+    it[r].n_seq = c->n_chunks + (it[r].has_w || c->n_chunks == 0);
+    B += it[r].n_seq;
+  }
   int32_t *ids = malloc((size_t)B * T * sizeof(int32_t));
   float *hid = malloc((size_t)(B * T * D) * sizeof(float));
   float *pool_out = malloc((size_t)(B * dp) * sizeof(float));
   int rc = 0;
-  if (!ids || !hid || !pool_out) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory"); goto done; }
-  if (n) memcpy(ids, c->ids, (size_t)n * T * sizeof(int32_t));
-  if (B > n) {
-    int32_t *e = ids + (int64_t)n * T;
-    e[0] = TOK_BOS;
-    e[1] = TOK_EOS;
-    for (int64_t t = 2; t < T; t++) e[t] = pad;
+  if (!ids || !hid || !pool_out) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory for a batch of %d sequences", B); goto done; }
+  for (int r = 0; r < n; r++) {
+    const tok_chunks *c = it[r].c;
+    int32_t *dst = ids + (int64_t)it[r].first * T;
+    if (c->n_chunks) memcpy(dst, c->ids, (size_t)c->n_chunks * T * sizeof(int32_t));
+    if (it[r].n_seq > c->n_chunks) {
+      int32_t *e = dst + (int64_t)c->n_chunks * T;
+      e[0] = TOK_BOS;
+      e[1] = TOK_EOS;
+      for (int64_t t = 2; t < T; t++) e[t] = pad;
+    }
   }
   int idx, final_ln;
   select_layer(fam, hp->n_layers, clip_layer, &idx, &final_ln);
   if ((rc = clip_text_forward(m, pool, ids, B, idx, final_ln, project, hid, pool_out, err))) goto done;
-  if (has_w) {
-    const float *e = hid + (int64_t)n * T * D;
-    for (int64_t k = 0; k < n; k++)
-      for (int64_t j = 0; j < T; j++) {
-        double w = c->weights[k * T + j];
-        if (w == 1.0) continue;
-        float fw = (float)w, *z = hid + (k * T + j) * D;
-        const float *ze = e + j * D;
-        for (int64_t d = 0; d < D; d++) z[d] = (z[d] - ze[d]) * fw + ze[d];
-      }
+  for (int r = 0; r < n && !rc; r++) {
+    const tok_chunks *c = it[r].c;
+    int64_t nc = c->n_chunks;
+    float *z0 = hid + (int64_t)it[r].first * T * D;
+    if (it[r].has_w) {
+      const float *e = z0 + nc * T * D;
+      for (int64_t k = 0; k < nc; k++)
+        for (int64_t j = 0; j < T; j++) {
+          double w = c->weights[k * T + j];
+          if (w == 1.0) continue;
+          float fw = (float)w, *z = z0 + (k * T + j) * D;
+          const float *ze = e + j * D;
+          for (int64_t d = 0; d < D; d++) z[d] = (z[d] - ze[d]) * fw + ze[d];
+        }
+    }
+    /* with no chunks ComfyUI returns the empty sequence itself */
+    it[r].n_tok = nc ? nc * T : T;
+    it[r].cond = malloc((size_t)(it[r].n_tok * D) * sizeof(float));
+    it[r].pooled = malloc((size_t)dp * sizeof(float));
+    if (!it[r].cond || !it[r].pooled) {
+      rc = luna_fail(err, LUNA_ENOMEM, "out of memory");
+      break;
+    }
+    memcpy(it[r].cond, z0, (size_t)(it[r].n_tok * D) * sizeof(float));
+    memcpy(it[r].pooled, pool_out + (int64_t)it[r].first * dp, (size_t)dp * sizeof(float));
   }
-  /* with no chunks ComfyUI returns the empty sequence itself, which is row block 0 */
-  *n_tok = n ? (int64_t)n * T : T;
-  *cond = hid;
-  hid = NULL;
-  float *p0 = malloc((size_t)dp * sizeof(float));
-  if (!p0) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory"); goto done; }
-  memcpy(p0, pool_out, (size_t)dp * sizeof(float));
-  *pooled = p0;
 done:
-  if (rc && hid == NULL) { free(*cond); *cond = NULL; }
+  if (rc)
+    for (int r = 0; r < n; r++) {
+      free(it[r].cond);
+      free(it[r].pooled);
+      it[r].cond = it[r].pooled = NULL;
+    }
   free(ids);
   free(hid);
   free(pool_out);
   return rc;
 }
 
+int te_set_encode_batch(const te_set *s, ops_pool *pool, const te_request *req, int n, te_output *out,
+                        char *err) {
+  memset(out, 0, sizeof *out * (size_t)(n > 0 ? n : 0));
+  if (n < 1) return luna_fail(err, LUNA_EINVAL, "empty batch");
+  int clip_layer = req[0].clip_layer;
+  for (int r = 0; r < n; r++) {
+    if (req[r].clip_layer > 0)
+      return luna_fail(err, LUNA_EINVAL, "clip layer %d must be negative (-1 is the last layer)", req[r].clip_layer);
+    if (req[r].clip_layer != clip_layer)
+      return luna_fail(err, LUNA_EINVAL, "a batch must share one clip layer");
+    if (!req[r].l) return luna_fail(err, LUNA_ETOKENS, "no tokens for the CLIP-L encoder (\"l\")");
+    if (s->family == TE_SDXL && !req[r].g)
+      return luna_fail(err, LUNA_ETOKENS, "no tokens for the CLIP-G encoder (\"g\"); SDXL needs both \"l\" and \"g\"");
+  }
+  const clip_text *L = s->enc[CLIP_L], *G = s->enc[CLIP_G];
+  enc_item *il = calloc((size_t)n, sizeof *il), *ig = calloc((size_t)n, sizeof *ig);
+  int rc = 0;
+  if (!il || !ig) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory"); goto done; }
+  for (int r = 0; r < n; r++) {
+    il[r].c = req[r].l;
+    ig[r].c = req[r].g;
+  }
+  if ((rc = encode_many(L, s->family, pool, il, n, TOK_PAD_L, clip_layer, 0, err))) goto done;
+  int64_t dl = clip_text_hparams(L)->d_model;
+  if (s->family == TE_SD1) {
+    for (int r = 0; r < n; r++) {
+      out[r].cond = il[r].cond;
+      out[r].pooled = il[r].pooled;
+      il[r].cond = il[r].pooled = NULL;
+      out[r].n_tokens = il[r].n_tok;
+      out[r].dim = dl;
+      out[r].pooled_dim = dl;
+    }
+    goto done;
+  }
+  if ((rc = encode_many(G, s->family, pool, ig, n, TOK_PAD_G, clip_layer, 1, err))) goto done;
+  const clip_hparams *hg = clip_text_hparams(G);
+  int64_t dg = hg->d_model;
+  for (int r = 0; r < n && !rc; r++) {
+    /* SDXL: L then G on the feature axis, cut to the shorter; pooled from G */
+    int64_t cut = il[r].n_tok < ig[r].n_tok ? il[r].n_tok : ig[r].n_tok;
+    out[r].cond = malloc((size_t)(cut * (dl + dg)) * sizeof(float));
+    if (!out[r].cond) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory"); break; }
+    for (int64_t t = 0; t < cut; t++) {
+      memcpy(out[r].cond + t * (dl + dg), il[r].cond + t * dl, (size_t)dl * sizeof(float));
+      memcpy(out[r].cond + t * (dl + dg) + dl, ig[r].cond + t * dg, (size_t)dg * sizeof(float));
+    }
+    out[r].n_tokens = cut;
+    out[r].dim = dl + dg;
+    out[r].pooled = ig[r].pooled;
+    ig[r].pooled = NULL;
+    out[r].pooled_dim = hg->d_proj ? hg->d_proj : dg;
+  }
+done:
+  for (int r = 0; il && ig && r < n; r++) {
+    free(il[r].cond);
+    free(il[r].pooled);
+    free(ig[r].cond);
+    free(ig[r].pooled);
+  }
+  free(il);
+  free(ig);
+  if (rc)
+    for (int r = 0; r < n; r++) te_output_free(&out[r]);
+  return rc;
+}
+
 int te_set_encode(const te_set *s, ops_pool *pool, const tok_chunks *l, const tok_chunks *g,
                   int clip_layer, te_output *out, char *err) {
-  memset(out, 0, sizeof *out);
-  if (clip_layer > 0)
-    return luna_fail(err, LUNA_EINVAL, "clip layer %d must be negative (-1 is the last layer)", clip_layer);
-  if (!l) return luna_fail(err, LUNA_ETOKENS, "no tokens for the CLIP-L encoder (\"l\")");
-  const clip_text *L = s->enc[CLIP_L], *G = s->enc[CLIP_G];
-  if (s->family == TE_SD1) {
-    int64_t n;
-    int rc = encode_one(L, s->family, pool, l, TOK_PAD_L, clip_layer, 0, &out->cond, &n, &out->pooled, err);
-    if (rc) return rc;
-    out->n_tokens = n;
-    out->dim = clip_text_hparams(L)->d_model;
-    out->pooled_dim = out->dim;
-    return 0;
-  }
-  if (!g) return luna_fail(err, LUNA_ETOKENS, "no tokens for the CLIP-G encoder (\"g\"); SDXL needs both \"l\" and \"g\"");
-  float *cl = NULL, *pl = NULL, *cg = NULL, *pg = NULL;
-  int64_t nl, ng;
-  int rc = encode_one(L, s->family, pool, l, TOK_PAD_L, clip_layer, 0, &cl, &nl, &pl, err);
-  if (!rc) rc = encode_one(G, s->family, pool, g, TOK_PAD_G, clip_layer, 1, &cg, &ng, &pg, err);
-  if (!rc) {
-    int64_t dl = clip_text_hparams(L)->d_model, dg = clip_text_hparams(G)->d_model;
-    int64_t cut = nl < ng ? nl : ng;
-    out->cond = malloc((size_t)(cut * (dl + dg)) * sizeof(float));
-    if (!out->cond) rc = luna_fail(err, LUNA_ENOMEM, "out of memory");
-    else {
-      for (int64_t t = 0; t < cut; t++) {
-        memcpy(out->cond + t * (dl + dg), cl + t * dl, (size_t)dl * sizeof(float));
-        memcpy(out->cond + t * (dl + dg) + dl, cg + t * dg, (size_t)dg * sizeof(float));
-      }
-      out->n_tokens = cut;
-      out->dim = dl + dg;
-      out->pooled = pg;
-      pg = NULL;
-      const clip_hparams *hg = clip_text_hparams(G);
-      out->pooled_dim = hg->d_proj ? hg->d_proj : hg->d_model;
-    }
-  }
-  free(cl);
-  free(pl);
-  free(cg);
-  free(pg);
-  if (rc) te_output_free(out);
-  return rc;
+  te_request r = {l, s->family == TE_SDXL ? g : NULL, clip_layer};
+  return te_set_encode_batch(s, pool, &r, 1, out, err);
 }

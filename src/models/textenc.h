@@ -45,4 +45,15 @@ int te_set_encode(const te_set *s, ops_pool *pool, const tok_chunks *l, const to
                   int clip_layer, te_output *out, char *err);
 void te_output_free(te_output *o);
 
+/* One request of a batch: its tokens ('g' ignored for SD1) and clip layer. */
+typedef struct te_request {
+  const tok_chunks *l, *g;
+  int clip_layer;
+} te_request;
+
+/* te_set_encode_batch encodes 'n' requests sharing one clip layer in one forward pass
+** per encoder; out[i] is request i's result, bit-identical to encoding it alone. */
+int te_set_encode_batch(const te_set *s, ops_pool *pool, const te_request *req, int n,
+                        te_output *out, char *err);
+
 #endif

@@ -1,0 +1,21 @@
+"""lunaclient -- a Python client for lunad, luna's text-encoder daemon.
+
+lunad loads Stable Diffusion text encoders once and serves encode requests to many
+processes over a Unix socket (or TCP with a token). This package speaks its wire
+protocol (docs/PROTOCOL.md) with nothing but the standard library and numpy:
+
+    from lunaclient import Client
+    with Client.unix() as c:                      # $LUNA_SOCKET, $XDG_RUNTIME_DIR/lunad.sock, ...
+        cond, pooled, info = c.encode("sdxl.safetensors", tokens=clip.tokenize(prompt))
+
+Failures raise LunaError(code, name, message), code being a luna status number
+(include/luna.h); lunad's own errors keep its code and message.
+
+A Client is one connection; use it from one thread at a time (or guard it with a
+lock). Different clients are independent.
+"""
+
+from .client import Client, default_socket
+from .proto import LunaError
+
+__all__ = ["Client", "LunaError", "default_socket"]

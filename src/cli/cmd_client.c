@@ -1,0 +1,379 @@
+/* cmd_client.c -- the luna commands that talk to lunad: ping, health, status, models, encode */
+/* SPDX-License-Identifier: MIT */
+/*
+** Every command here connects with the global options (luna.c): --socket PATH, or
+** --connect HOST:PORT with --token-file, sends its requests through the client library
+** (include/luna.h) and prints what came back. Failures name the command and carry the
+** library's message, which starts with the status name (lunad's own for its errors).
+*/
+#include "cli/commands.h"
+#include "luna.h"
+#include "luna_proto.h"
+
+#include <cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Token files and token JSON are small; this only stops a wrong path from reading gigabytes. */
+#define MAX_TEXT_FILE (64u << 20)
+
+/* Read the whole file 'path' as a NUL-terminated string into '*out' (caller frees).
+** Returns 0, or -1 after printing why on stderr, prefixed with 'cmd'. */
+static int read_text_file(const char *cmd, const char *what, const char *path, char **out, size_t *len) {
+  *out = NULL;
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    fprintf(stderr, "luna %s: cannot open %s %s: %s\n", cmd, what, path, strerror(errno));
+    return -1;
+  }
+  size_t cap = 4096, n = 0;
+  char *buf = malloc(cap);
+  for (;;) {
+    if (!buf) {
+      fprintf(stderr, "luna %s: out of memory reading %s\n", cmd, path);
+      fclose(f);
+      return -1;
+    }
+    n += fread(buf + n, 1, cap - 1 - n, f);
+    if (n < cap - 1) break;
+    if (cap > MAX_TEXT_FILE) {
+      fprintf(stderr, "luna %s: %s %s is larger than %u bytes\n", cmd, what, path, MAX_TEXT_FILE);
+      free(buf);
+      fclose(f);
+      return -1;
+    }
+    cap *= 2;
+    char *nb = realloc(buf, cap);
+    if (!nb) free(buf);
+    buf = nb;
+  }
+  int bad = ferror(f);
+  fclose(f);
+  if (bad) {
+    fprintf(stderr, "luna %s: cannot read %s %s\n", cmd, what, path);
+    free(buf);
+    return -1;
+  }
+  buf[n] = 0;
+  *out = buf;
+  if (len) *len = n;
+  return 0;
+}
+
+/* Split "HOST:PORT" ("[v6addr]:PORT" for IPv6) into 'host' and '*port'. */
+static int parse_host_port(const char *s, char *host, size_t cap, int *port) {
+  const char *colon = strrchr(s, ':');
+  if (!colon || colon == s || !colon[1]) return -1;
+  const char *h = s, *hend = colon;
+  if (*h == '[') {
+    if (hend[-1] != ']') return -1;
+    h++;
+    hend--;
+  }
+  if (hend <= h || (size_t)(hend - h) >= cap) return -1;
+  memcpy(host, h, (size_t)(hend - h));
+  host[hend - h] = 0;
+  char *end;
+  errno = 0;
+  long p = strtol(colon + 1, &end, 10);
+  if (*end || errno || p < 1 || p > 65535) return -1;
+  *port = (int)p;
+  return 0;
+}
+
+/*
+** Connect as the global options say. Returns 0 with '*out' set, 1 after printing the
+** failure (a connection failure, or an unreadable token file), or 2 for bad options.
+*/
+static int connect_target(const cmd_target *t, const char *cmd, luna_client **out) {
+  *out = NULL;
+  int rc;
+  luna_client *c = NULL;
+  if (t->connect) {
+    char host[256];
+    int port;
+    if (parse_host_port(t->connect, host, sizeof host, &port)) {
+      fprintf(stderr, "luna: --connect wants HOST:PORT (or [IPv6]:PORT), got '%s'\n", t->connect);
+      return 2;
+    }
+    if (!t->token_file) {
+      fprintf(stderr, "luna: --connect needs --token-file FILE (the token lunad was started with)\n");
+      return 2;
+    }
+    char *token;
+    size_t n;
+    if (read_text_file(cmd, "token file", t->token_file, &token, &n)) return 1;
+    if (n && token[n - 1] == '\n') token[--n] = 0;
+    if (!n || strlen(token) != n) {
+      fprintf(stderr, "luna %s: token file %s %s\n", cmd, t->token_file,
+              n ? "contains a NUL byte" : "is empty");
+      free(token);
+      return 1;
+    }
+    rc = luna_client_connect_tcp(host, port, token, &c);
+    memset(token, 0, n);
+    free(token);
+  } else {
+    rc = luna_client_connect_unix(t->socket, &c);
+  }
+  if (rc) {
+    fprintf(stderr, "luna %s: %s\n", cmd, luna_client_errmsg(c));
+    luna_client_close(c);
+    return 1;
+  }
+  *out = c;
+  return 0;
+}
+
+/* Parse the options of a command whose only option is --help (plus 'extra' flags given
+** as a long option, stored in '*flag'). Returns -1 to go on, else the exit status. */
+static int simple_opts(int argc, char **argv, const char *cmd, void (*usage)(FILE *), const char *extra, int *flag) {
+  struct option opts[3] = {{"help", no_argument, 0, 'h'}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+  if (extra) opts[1] = (struct option){extra, no_argument, 0, 'x'};
+  optind = 1;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, "+h", opts, NULL)) != -1) {
+    switch (c) {
+    case 'h': usage(stdout); return 0;
+    case 'x': *flag = 1; break;
+    default:
+      fprintf(stderr, "luna %s: unknown option '%s'\n", cmd, argv[optind - 1]);
+      usage(stderr);
+      return 2;
+    }
+  }
+  return -1;
+}
+
+/* Send one JSON request of 'type' and print the reply pretty-printed on stdout; with
+** 'ready' set, fail unless the reply says "ready": true. */
+static int call_and_print(const cmd_target *t, const char *cmd, int type, const cJSON *msg, int ready) {
+  luna_client *c;
+  int rc = connect_target(t, cmd, &c);
+  if (rc) return rc;
+  char *req = msg ? cJSON_PrintUnformatted(msg) : NULL;
+  char *reply = NULL;
+  if (msg && !req) {
+    fprintf(stderr, "luna %s: out of memory\n", cmd);
+    luna_client_close(c);
+    return 1;
+  }
+  rc = luna_client_call_json(c, type, req, &reply);
+  cJSON_free(req);
+  if (rc) {
+    fprintf(stderr, "luna %s: %s\n", cmd, luna_client_errmsg(c));
+    luna_client_close(c);
+    return 1;
+  }
+  luna_client_close(c);
+  cJSON *v = cJSON_Parse(reply);
+  char *pretty = v ? cJSON_Print(v) : NULL;
+  printf("%s\n", pretty ? pretty : reply);
+  int status = 0;
+  if (ready && !cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(v, "ready"))) {
+    fprintf(stderr, "luna %s: lunad is live but not ready\n", cmd);
+    status = 1;
+  }
+  cJSON_free(pretty);
+  cJSON_Delete(v);
+  luna_free(reply);
+  return status;
+}
+
+/* ---- ping -------------------------------------------------------------------------- */
+
+static void ping_usage(FILE *f) {
+  fprintf(f, "usage: luna [--socket PATH | --connect HOST:PORT --token-file F] ping\n"
+             "\n"
+             "Connects to lunad, sends one ping and prints the round-trip time (the time of the\n"
+             "ping itself, after connecting).\n"
+             "\n"
+             "  -h, --help   this text\n"
+             "\n"
+             "Exit status: 0 lunad answered, 1 it did not (the message says why), 2 usage error.\n");
+}
+
+int cmd_ping(const cmd_target *t, int argc, char **argv) {
+  int flag = 0, rc = simple_opts(argc, argv, "ping", ping_usage, NULL, &flag);
+  if (rc >= 0) return rc;
+  if (optind < argc) {
+    fprintf(stderr, "luna ping: unexpected argument '%s'\n", argv[optind]);
+    return 2;
+  }
+  luna_client *c;
+  if ((rc = connect_target(t, "ping", &c))) return rc;
+  double t0 = cmd_now_ms();
+  rc = luna_client_ping(c);
+  double ms = cmd_now_ms() - t0;
+  if (rc) fprintf(stderr, "luna ping: %s\n", luna_client_errmsg(c));
+  else printf("pong from lunad at %s in %.3f ms\n", t->connect ? t->connect : t->socket ? t->socket : luna_default_socket(), ms);
+  luna_client_close(c);
+  return rc ? 1 : 0;
+}
+
+/* ---- health and status ----------------------------------------------------------- */
+
+static void health_usage(FILE *f) {
+  fprintf(f, "usage: luna [--socket PATH | --connect HOST:PORT --token-file F] health [--ready]\n"
+             "\n"
+             "Prints lunad's health reply as JSON: whether it is live and ready, and the state\n"
+             "of each model (loading, ready or failed).\n"
+             "\n"
+             "  --ready      exit 1 unless lunad is ready (no model loading, not shutting down)\n"
+             "  -h, --help   this text\n"
+             "\n"
+             "Exit status: 0 success, 1 failure (or not ready, with --ready), 2 usage error.\n");
+}
+
+int cmd_health(const cmd_target *t, int argc, char **argv) {
+  int ready = 0, rc = simple_opts(argc, argv, "health", health_usage, "ready", &ready);
+  if (rc >= 0) return rc;
+  if (optind < argc) {
+    fprintf(stderr, "luna health: unexpected argument '%s'\n", argv[optind]);
+    return 2;
+  }
+  return call_and_print(t, "health", LUNA_MSG_HEALTH, NULL, ready);
+}
+
+static void status_usage(FILE *f) {
+  fprintf(f, "usage: luna [--socket PATH | --connect HOST:PORT --token-file F] status\n"
+             "\n"
+             "Prints lunad's status reply as JSON: version, uptime, memory, connections, queue,\n"
+             "request counters, cache and the loaded models.\n"
+             "\n"
+             "  -h, --help   this text\n"
+             "\n"
+             "Exit status: 0 success, 1 failure, 2 usage error.\n");
+}
+
+int cmd_status(const cmd_target *t, int argc, char **argv) {
+  int flag = 0, rc = simple_opts(argc, argv, "status", status_usage, NULL, &flag);
+  if (rc >= 0) return rc;
+  if (optind < argc) {
+    fprintf(stderr, "luna status: unexpected argument '%s'\n", argv[optind]);
+    return 2;
+  }
+  return call_and_print(t, "status", LUNA_MSG_STATUS, NULL, 0);
+}
+
+/* ---- models ---------------------------------------------------------------------- */
+
+static void models_usage(FILE *f) {
+  fprintf(f, "usage: luna [--socket PATH | --connect HOST:PORT --token-file F] models\n"
+             "            [list | load REL [REL...] | unload REL [REL...]]\n"
+             "\n"
+             "  list (default)   print the models lunad has, with their state and memory\n"
+             "  load REL...      load one model and wait until it is ready (or failed); several\n"
+             "                   paths name one model made of several files (a clip_l and a\n"
+             "                   clip_g), as several --model options do for encode\n"
+             "  unload REL...    unload that model (once its last request finishes)\n"
+             "\n"
+             "REL paths are relative to one of lunad's --models-dir folders. The reply is printed\n"
+             "as JSON.\n"
+             "\n"
+             "  -h, --help   this text\n"
+             "\n"
+             "Exit status: 0 success, 1 failure (e.g. ENOTFOUND: no such model file), 2 usage error.\n");
+}
+
+int cmd_models(const cmd_target *t, int argc, char **argv) {
+  int flag = 0, rc = simple_opts(argc, argv, "models", models_usage, NULL, &flag);
+  if (rc >= 0) return rc;
+  const char *action = optind < argc ? argv[optind++] : "list";
+  int n = argc - optind;
+  if (strcmp(action, "list") && strcmp(action, "load") && strcmp(action, "unload")) {
+    fprintf(stderr, "luna models: unknown action '%s' (list, load or unload)\n", action);
+    models_usage(stderr);
+    return 2;
+  }
+  if (!strcmp(action, "list") ? n != 0 : (n < 1 || n > 4)) {
+    fprintf(stderr, "luna models: %s\n", !strcmp(action, "list") ? "'list' takes no arguments"
+                                                                  : "load and unload take 1 to 4 model paths");
+    return 2;
+  }
+  cJSON *m = cJSON_CreateObject();
+  int ok = m && cJSON_AddStringToObject(m, "action", action);
+  if (ok && n == 1) {
+    ok = cJSON_AddStringToObject(m, "model", argv[optind]) != NULL;
+  } else if (ok && n > 1) {
+    cJSON *arr = cJSON_CreateStringArray((const char *const *)(argv + optind), n);
+    ok = arr && cJSON_AddItemToObject(m, "model", arr);
+    if (arr && !ok) cJSON_Delete(arr);
+  }
+  if (!ok) {
+    cJSON_Delete(m);
+    fprintf(stderr, "luna models: out of memory\n");
+    return 1;
+  }
+  rc = call_and_print(t, "models", LUNA_MSG_MODELS, m, 0);
+  cJSON_Delete(m);
+  return rc;
+}
+
+/* ---- encode through lunad --------------------------------------------------------- */
+
+int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o) {
+  char *tokens = NULL;
+  if (o->tokens_file && read_text_file("encode", "tokens file", o->tokens_file, &tokens, NULL)) return 1;
+  luna_client *c = NULL;
+  int rc = connect_target(t, "encode", &c);
+  if (rc) {
+    free(tokens);
+    return rc;
+  }
+  luna_encode_args a = {o->models, o->n_models, o->text, tokens, o->clip_layer, o->deadline_ms, o->no_cache};
+  luna_encode_result r = {0};
+  double *times = NULL;
+  char err[LUNA_ERR_LEN] = "";
+  int status = 1, hits = 0;
+
+  double t0 = cmd_now_ms();
+  if (luna_client_encode(c, &a, &r)) goto fail_client;
+  double first_ms = cmd_now_ms() - t0;
+  int first_cached = r.cached;
+
+  if (cmd_write_conditioning(o->out_path, r.cond, r.cond_shape[1], r.cond_shape[2], r.pooled, r.pooled_shape[1],
+                             r.family, err)) {
+    fprintf(stderr, "luna encode: %s\n", err);
+    goto done;
+  }
+  if (o->bench > 0) {
+    times = malloc((size_t)o->bench * sizeof *times);
+    if (!times) {
+      fprintf(stderr, "luna encode: out of memory\n");
+      goto done;
+    }
+    for (long i = 0; i < o->bench; i++) {
+      luna_encode_result b;
+      double s = cmd_now_ms();
+      if (luna_client_encode(c, &a, &b)) goto fail_client;
+      times[i] = cmd_now_ms() - s;
+      hits += b.cached != 0;
+      luna_encode_result_free(&b);
+    }
+    double med = cmd_median_ms(times, o->bench);
+    fprintf(stderr,
+            "{\"mode\": \"daemon\", \"median_ms\": %.3f, \"min_ms\": %.3f, \"runs\": %ld, \"first_ms\": %.3f, "
+            "\"cache\": %s, \"cached_runs\": %d, \"family\": \"%s\"}\n",
+            med, times[0], o->bench, first_ms, o->no_cache ? "false" : "true", hits, r.family);
+  }
+  if (o->summary) {
+    printf("family %s, %lld chunk(s), encoded by lunad in %.1f ms (round trip%s)\n", r.family,
+           (long long)(r.cond_shape[1] / 77), first_ms, first_cached ? ", from its cache" : "");
+    cmd_print_conditioning(r.cond, r.cond_shape[1], r.cond_shape[2], r.pooled, r.pooled_shape[1], o->out_path);
+  }
+  status = 0;
+  goto done;
+fail_client:
+  fprintf(stderr, "luna encode: %s\n", luna_client_errmsg(c));
+done:
+  free(times);
+  free(tokens);
+  luna_encode_result_free(&r);
+  luna_client_close(c);
+  return status;
+}

@@ -1,0 +1,523 @@
+/* client.c -- the client library: one blocking connection to lunad per luna_client */
+/* SPDX-License-Identifier: MIT */
+/*
+** Each call builds one request frame (frame_build), writes it whole, then reads one
+** reply: the 32-byte header first, validated by frame_parse_header against
+** CLIENT_MAX_REPLY before anything is allocated, then the JSON and binary parts in one
+** buffer. A handle has at most one request in flight, so the reply must carry that
+** request's id and type; anything else means the stream is out of step and the
+** connection is dropped (fd = -1).
+*/
+#include "luna.h"
+#include "luna_proto.h"
+
+#include "core/status.h"
+#include "core/utf8.h"
+#include "proto/frame.h"
+
+#include <cJSON.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+/*
+** The largest reply this side accepts. lunad's --max-frame (64 MiB by default) bounds
+** what it reads, not what it writes: an encode reply grows with the prompt (SDXL:
+** 77 * 2048 * 4 = 630,784 bytes per 77-token chunk), so the client allows more. 1 GiB
+** is about 1,700 SDXL chunks (130,000 tokens), far past any real prompt, and still
+** stops a corrupt header from making us allocate an absurd amount before reading it.
+*/
+#define CLIENT_MAX_REPLY (1ull << 30)
+
+#define CLIENT_MAX_MODELS 4
+#define CLIENT_NAME "libluna"
+
+struct luna_client {
+  int fd;                     /* the connection; -1 once closed or broken */
+  uint64_t next_id;           /* request ids count up from 1 */
+  char peer[160];             /* "unix:PATH" or "tcp:HOST:PORT", for messages */
+  int errcode;                /* status of the most recent call */
+  char errmsg[LUNA_ERR_LEN];  /* "NAME: what failed", or "" after a success */
+};
+
+/* A reply: 'buf' owns the JSON and binary parts; 'msg' is the parsed JSON part. */
+typedef struct reply {
+  uint8_t *buf;
+  cJSON *msg;
+  uint32_t json_len;
+  const uint8_t *bin;
+  uint64_t bin_len;
+} reply;
+
+static void reply_free(reply *r) {
+  cJSON_Delete(r->msg);
+  free(r->buf);
+  memset(r, 0, sizeof *r);
+}
+
+/* Record a failure: the status name, ": ", then the formatted text. Returns 'status'. */
+static int set_err(luna_client *c, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int set_err(luna_client *c, int status, const char *fmt, ...) {
+  c->errcode = status;
+  int n = snprintf(c->errmsg, sizeof c->errmsg, "%s: ", luna_status_name(status));
+  if (n < 0 || (size_t)n >= sizeof c->errmsg) n = 0;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(c->errmsg + n, sizeof c->errmsg - (size_t)n, fmt, ap);
+  va_end(ap);
+  return status;
+}
+
+static void set_ok(luna_client *c) {
+  c->errcode = 0;
+  c->errmsg[0] = 0;
+}
+
+/* Close the connection after a failure that leaves the byte stream unusable. */
+static void drop(luna_client *c) {
+  if (c->fd >= 0) close(c->fd);
+  c->fd = -1;
+}
+
+static luna_client *client_new(const char *peer_fmt, const char *a, int port) {
+  luna_client *c = calloc(1, sizeof *c);
+  if (!c) return NULL;
+  c->fd = -1;
+  c->next_id = 1;
+  if (port >= 0) snprintf(c->peer, sizeof c->peer, peer_fmt, a, port);
+  else snprintf(c->peer, sizeof c->peer, peer_fmt, a);
+  return c;
+}
+
+/* ---- I/O ------------------------------------------------------------------------- */
+
+/* Write all 'len' bytes (retrying short writes and EINTR). Returns 0 or an errno. */
+static int write_all(int fd, const uint8_t *p, size_t len) {
+  while (len) {
+    ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    p += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+/* Read exactly 'len' bytes; 'what' names the part of the reply being read. */
+static int read_all(luna_client *c, uint8_t *p, size_t len, const char *what) {
+  size_t got = 0;
+  while (got < len) {
+    ssize_t n = recv(c->fd, p + got, len - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      int e = errno;
+      drop(c);
+      return set_err(c, LUNA_ECONN, "%s: reading the reply's %s: %s", c->peer, what, strerror(e));
+    }
+    if (n == 0) {
+      drop(c);
+      if (got == 0 && !strcmp(what, "header"))
+        return set_err(c, LUNA_ECONN, "%s: lunad closed the connection without replying", c->peer);
+      return set_err(c, LUNA_ECONN, "%s: lunad closed the connection in the middle of the reply's %s "
+                     "(%zu of %zu bytes)", c->peer, what, got, len);
+    }
+    got += (size_t)n;
+  }
+  return 0;
+}
+
+/*
+** Read one reply frame for request 'id' of message 'type' into 'r'. A reply with the
+** ERROR flag is turned into the daemon's status and message.
+*/
+static int read_reply(luna_client *c, uint16_t type, uint64_t id, reply *r) {
+  memset(r, 0, sizeof *r);
+  uint8_t hdr[LUNA_FRAME_HEADER];
+  int rc = read_all(c, hdr, sizeof hdr, "header");
+  if (rc) return rc;
+  frame_header h;
+  char err[LUNA_ERR_LEN] = "";
+  rc = frame_parse_header(hdr, sizeof hdr, CLIENT_MAX_REPLY, &h, err);
+  if (rc != FRAME_OK) {
+    drop(c);
+    return set_err(c, rc < 0 ? LUNA_EPROTO : LUNA_EINTERNAL, "%s: reply %s", c->peer, err);
+  }
+  if (!(h.flags & LUNA_FLAG_REPLY)) {
+    drop(c);
+    return set_err(c, LUNA_EPROTO, "%s: a frame without the REPLY flag came back (flags 0x%x)", c->peer, h.flags);
+  }
+  /* An error reply about a frame lunad could not take (ETOOBIG, ...) is still worth
+  ** reading whatever its id says; any other stray reply means the stream is lost. */
+  int stray = h.request_id != id || h.type != type;
+  if (stray && !(h.flags & LUNA_FLAG_ERROR)) {
+    drop(c);
+    return set_err(c, LUNA_EPROTO, "%s: reply for request %llu of type %u, expected request %llu of type %u",
+                   c->peer, (unsigned long long)h.request_id, h.type, (unsigned long long)id, type);
+  }
+  /* frame_parse_header bounded the total by CLIENT_MAX_REPLY, so this fits a size_t. */
+  size_t total = (size_t)h.json_len + (size_t)h.bin_len;
+  r->buf = malloc(total ? total : 1);
+  if (!r->buf) {
+    drop(c);
+    return set_err(c, LUNA_ENOMEM, "%s: out of memory for a %zu-byte reply", c->peer, total);
+  }
+  if ((rc = read_all(c, r->buf, total, h.bin_len ? "JSON and binary parts" : "JSON part"))) {
+    reply_free(r);
+    return rc;
+  }
+  r->json_len = h.json_len;
+  r->bin = r->buf + h.json_len;
+  r->bin_len = h.bin_len;
+  if ((rc = frame_parse_json(r->buf, h.json_len, &r->msg, err))) {
+    reply_free(r);
+    return set_err(c, LUNA_EPROTO, "%s: reply to request %llu: %s", c->peer, (unsigned long long)id, err);
+  }
+  if (!(h.flags & LUNA_FLAG_ERROR)) return 0;
+
+  /* {"code": -N, "name": "E...", "message": "..."} */
+  const cJSON *code = cJSON_GetObjectItemCaseSensitive(r->msg, "code");
+  const cJSON *name = cJSON_GetObjectItemCaseSensitive(r->msg, "name");
+  const cJSON *message = cJSON_GetObjectItemCaseSensitive(r->msg, "message");
+  double v = cJSON_IsNumber(code) ? code->valuedouble : 0;
+  if (!(v < 0 && v >= -1e6 && v == (double)(int)v)) {
+    reply_free(r);
+    return set_err(c, LUNA_EPROTO, "%s: error reply without a valid negative \"code\"", c->peer);
+  }
+  int status = (int)v;
+  const char *nm = cJSON_IsString(name) ? name->valuestring : luna_status_name(status);
+  const char *text = cJSON_IsString(message) ? message->valuestring : luna_strerror(status);
+  c->errcode = status;
+  snprintf(c->errmsg, sizeof c->errmsg, "%s: %s", nm, text);
+  reply_free(r);
+  if (stray) drop(c);
+  return status;
+}
+
+/*
+** Send 'msg' (NULL: {}) as a request of 'type' and read its reply into 'r'. On
+** success the caller frees 'r' with reply_free and calls set_ok itself.
+*/
+static int exchange(luna_client *c, uint16_t type, const cJSON *msg, reply *r) {
+  memset(r, 0, sizeof *r);
+  if (c->fd < 0)
+    return set_err(c, LUNA_ECONN, "%s: not connected (the connection failed or was closed earlier; "
+                   "connect again)", c->peer);
+  uint64_t id = c->next_id++;
+  uint8_t *frame = NULL;
+  size_t len = 0;
+  char err[LUNA_ERR_LEN] = "";
+  int rc = frame_build(type, 0, id, msg, NULL, 0, &frame, &len, err);
+  if (rc) return set_err(c, rc, "building the request: %s", err);
+  if (len - LUNA_FRAME_HEADER > LUNA_MAX_JSON) {
+    free(frame);
+    return set_err(c, LUNA_ETOOBIG, "the request's JSON part has %zu bytes, more than the protocol's %u",
+                   len - LUNA_FRAME_HEADER, LUNA_MAX_JSON);
+  }
+  int e = write_all(c->fd, frame, len);
+  free(frame);
+  if (e) {
+    /* lunad may have refused the frame and closed: its error reply, if it got that
+    ** far, is still waiting to be read and says more than EPIPE does. */
+    if ((e == EPIPE || e == ECONNRESET) && read_reply(c, type, id, r) < 0 && c->errcode != LUNA_ECONN &&
+        c->errcode != LUNA_EPROTO) {
+      drop(c);
+      return c->errcode;
+    }
+    reply_free(r);
+    drop(c);
+    return set_err(c, LUNA_ECONN, "%s: sending a request: %s", c->peer, strerror(e));
+  }
+  return read_reply(c, type, id, r);
+}
+
+/* ---- connecting ------------------------------------------------------------------ */
+
+int luna_client_connect_unix(const char *path, luna_client **out) {
+  if (!out) return LUNA_EINVAL;
+  if (!path) path = luna_default_socket();
+  luna_client *c = *out = client_new("unix:%s", path, -1);
+  if (!c) return LUNA_ENOMEM;
+  struct sockaddr_un sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sun_family = AF_UNIX;
+  size_t n = strlen(path);
+  if (n == 0) return set_err(c, LUNA_EINVAL, "the socket path is empty");
+  if (n >= sizeof sa.sun_path)
+    return set_err(c, LUNA_EINVAL, "%s: socket path has %zu bytes, more than the %zu a Unix socket allows",
+                   path, n, sizeof sa.sun_path - 1);
+  memcpy(sa.sun_path, path, n);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return set_err(c, LUNA_ECONN, "socket(AF_UNIX): %s", strerror(errno));
+  int rc;
+  do rc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+  while (rc < 0 && errno == EINTR);
+  if (rc < 0) {
+    int e = errno;
+    close(fd);
+    return set_err(c, LUNA_ECONN, "cannot connect to lunad at %s: %s%s", path, strerror(e),
+                   e == ENOENT || e == ECONNREFUSED ? " (is lunad running with this --socket?)" : "");
+  }
+  c->fd = fd;
+  set_ok(c);
+  return 0;
+}
+
+int luna_client_connect_tcp(const char *host, int port, const char *token, luna_client **out) {
+  if (!out) return LUNA_EINVAL;
+  luna_client *c = *out = client_new("tcp:%s:%d", host ? host : "", port);
+  if (!c) return LUNA_ENOMEM;
+  if (!host || !*host) return set_err(c, LUNA_EINVAL, "no host to connect to");
+  if (port < 1 || port > 65535) return set_err(c, LUNA_EINVAL, "port %d is not in 1..65535", port);
+  if (!token || !*token) return set_err(c, LUNA_EINVAL, "a TCP connection needs lunad's token, and none was given");
+
+  char service[16];
+  snprintf(service, sizeof service, "%d", port);
+  struct addrinfo hints, *res = NULL;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  int g = getaddrinfo(host, service, &hints, &res);
+  if (g) return set_err(c, LUNA_ECONN, "cannot resolve '%s': %s", host, gai_strerror(g));
+  int last = 0;
+  for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0) {
+      last = errno;
+      continue;
+    }
+    int rc;
+    do rc = connect(fd, ai->ai_addr, ai->ai_addrlen);
+    while (rc < 0 && errno == EINTR);
+    if (rc == 0) {
+      int one = 1;
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* small requests, no Nagle delay */
+      c->fd = fd;
+      break;
+    }
+    last = errno;
+    close(fd);
+  }
+  freeaddrinfo(res);
+  if (c->fd < 0) return set_err(c, LUNA_ECONN, "cannot connect to lunad at %s:%d: %s", host, port, strerror(last));
+
+  /* The hello authenticates the connection; lunad answers anything else with EAUTH. */
+  cJSON *m = cJSON_CreateObject();
+  if (!m || !cJSON_AddNumberToObject(m, "protocol", LUNA_PROTO_VERSION) ||
+      !cJSON_AddStringToObject(m, "client", CLIENT_NAME) || !cJSON_AddStringToObject(m, "token", token)) {
+    cJSON_Delete(m);
+    return set_err(c, LUNA_ENOMEM, "out of memory building the hello");
+  }
+  reply r;
+  int rc = exchange(c, LUNA_MSG_HELLO, m, &r);
+  cJSON_Delete(m);
+  if (rc) {
+    drop(c); /* lunad closes the connection after a failed hello */
+    return rc;
+  }
+  const cJSON *auth = cJSON_GetObjectItemCaseSensitive(r.msg, "authenticated");
+  int ok = cJSON_IsTrue(auth);
+  reply_free(&r);
+  if (!ok) {
+    drop(c);
+    return set_err(c, LUNA_EAUTH, "%s: lunad answered the hello without \"authenticated\": true", c->peer);
+  }
+  set_ok(c);
+  return 0;
+}
+
+void luna_client_close(luna_client *c) {
+  if (!c) return;
+  drop(c);
+  free(c);
+}
+
+int luna_client_errcode(const luna_client *c) { return c ? c->errcode : LUNA_ENOMEM; }
+
+const char *luna_client_errmsg(const luna_client *c) { return c ? c->errmsg : "out of memory"; }
+
+/* ---- requests -------------------------------------------------------------------- */
+
+int luna_client_ping(luna_client *c) {
+  if (!c) return LUNA_EINVAL;
+  reply r;
+  int rc = exchange(c, LUNA_MSG_PING, NULL, &r);
+  if (rc) return rc;
+  reply_free(&r);
+  set_ok(c);
+  return 0;
+}
+
+int luna_client_call_json(luna_client *c, int type, const char *json, char **reply_json) {
+  if (reply_json) *reply_json = NULL;
+  if (!c) return LUNA_EINVAL;
+  if (type < 1 || type > 0xffff) return set_err(c, LUNA_EINVAL, "message type %d is not in 1..65535", type);
+  cJSON *m = NULL;
+  if (json) {
+    char err[LUNA_ERR_LEN] = "";
+    if (frame_parse_json((const uint8_t *)json, strlen(json), &m, err))
+      return set_err(c, LUNA_EINVAL, "the request's JSON: %s", err);
+  }
+  reply r;
+  int rc = exchange(c, (uint16_t)type, m, &r);
+  cJSON_Delete(m);
+  if (rc) return rc;
+  if (reply_json) {
+    char *s = malloc((size_t)r.json_len + 1);
+    if (!s) {
+      reply_free(&r);
+      return set_err(c, LUNA_ENOMEM, "out of memory for a %u-byte reply", r.json_len);
+    }
+    memcpy(s, r.buf, r.json_len);
+    s[r.json_len] = 0;
+    *reply_json = s;
+  }
+  reply_free(&r);
+  set_ok(c);
+  return 0;
+}
+
+/* Build the encode request's JSON from 'a', or fail naming the bad field. */
+static int encode_msg(luna_client *c, const luna_encode_args *a, cJSON **out) {
+  *out = NULL;
+  if (a->n_models < 1 || a->n_models > CLIENT_MAX_MODELS || !a->models)
+    return set_err(c, LUNA_EINVAL, "encode: n_models is %d; give 1 to %d model paths", a->n_models, CLIENT_MAX_MODELS);
+  for (int i = 0; i < a->n_models; i++)
+    if (!a->models[i] || !a->models[i][0]) return set_err(c, LUNA_EINVAL, "encode: models[%d] is empty", i);
+  if (!a->text == !a->tokens_json)
+    return set_err(c, LUNA_EINVAL, "encode: give exactly one of 'text' and 'tokens_json'");
+  if (a->clip_layer > 0)
+    return set_err(c, LUNA_EINVAL, "encode: clip_layer is %d; it is -N (CLIPSetLastLayer) or 0", a->clip_layer);
+  if (a->deadline_ms < 0) return set_err(c, LUNA_EINVAL, "encode: deadline_ms is negative (%d)", a->deadline_ms);
+
+  cJSON *m = cJSON_CreateObject(), *tokens = NULL;
+  if (!m) goto oom;
+  if (a->n_models == 1) {
+    if (!cJSON_AddStringToObject(m, "model", a->models[0])) goto oom;
+  } else {
+    cJSON *arr = cJSON_AddArrayToObject(m, "model");
+    if (!arr) goto oom;
+    for (int i = 0; i < a->n_models; i++) {
+      cJSON *s = cJSON_CreateString(a->models[i]);
+      if (!s || !cJSON_AddItemToArray(arr, s)) {
+        cJSON_Delete(s);
+        goto oom;
+      }
+    }
+  }
+  if (a->tokens_json) {
+    char err[LUNA_ERR_LEN] = "";
+    int rc = frame_parse_json((const uint8_t *)a->tokens_json, strlen(a->tokens_json), &tokens, err);
+    if (rc) {
+      cJSON_Delete(m);
+      return set_err(c, LUNA_EINVAL, "encode: tokens_json: %s", err);
+    }
+    if (!cJSON_AddItemToObject(m, "tokens", tokens)) goto oom;
+    tokens = NULL;
+  } else {
+    size_t bad;
+    if (!utf8_valid((const uint8_t *)a->text, strlen(a->text), &bad)) {
+      cJSON_Delete(m);
+      return set_err(c, LUNA_EUTF8, "encode: text is not valid UTF-8 (byte %zu)", bad);
+    }
+    if (!cJSON_AddStringToObject(m, "text", a->text)) goto oom;
+  }
+  if (a->clip_layer && !cJSON_AddNumberToObject(m, "clip_layer", a->clip_layer)) goto oom;
+  if (a->deadline_ms && !cJSON_AddNumberToObject(m, "deadline_ms", a->deadline_ms)) goto oom;
+  if (a->no_cache && !cJSON_AddBoolToObject(m, "cache", 0)) goto oom;
+  *out = m;
+  return 0;
+oom:
+  cJSON_Delete(tokens);
+  cJSON_Delete(m);
+  return set_err(c, LUNA_ENOMEM, "encode: out of memory building the request");
+}
+
+/* Copy tensor 'name' of the reply into a new float buffer after checking it is F32
+** with 'n_dims' dimensions, the first being 1 and the others positive. */
+static int take_f32(luna_client *c, const reply *r, const char *name, int n_dims, int64_t *shape, float **out) {
+  frame_tensor t;
+  char err[LUNA_ERR_LEN] = "";
+  int rc = frame_get_tensor(r->msg, name, r->bin, r->bin_len, &t, err);
+  if (rc == LUNA_EMISSING && !err[0])
+    return set_err(c, LUNA_EPROTO, "%s: the encode reply has no tensor '%s'", c->peer, name);
+  if (rc) return set_err(c, LUNA_EPROTO, "%s: encode reply: %s", c->peer, err);
+  if (t.dtype != ST_F32)
+    return set_err(c, LUNA_EPROTO, "%s: encode reply: tensor '%s' is %s, expected F32", c->peer, name,
+                   st_dtype_name(t.dtype));
+  int good = t.n_dims == n_dims && t.shape[0] == 1;
+  for (int d = 1; good && d < n_dims; d++) good = t.shape[d] > 0;
+  if (!good)
+    return set_err(c, LUNA_EPROTO, "%s: encode reply: tensor '%s' has %d dimensions [%lld, ...], expected %s",
+                   c->peer, name, t.n_dims, t.n_dims ? (long long)t.shape[0] : 0LL,
+                   n_dims == 3 ? "[1, tokens, width]" : "[1, width]");
+  /* The binary part may start at any byte, so the floats are copied, not aliased. */
+  float *f = malloc((size_t)t.nbytes);
+  if (!f) return set_err(c, LUNA_ENOMEM, "out of memory for the %llu-byte tensor '%s'", (unsigned long long)t.nbytes, name);
+  memcpy(f, t.data, (size_t)t.nbytes);
+  memcpy(shape, t.shape, (size_t)n_dims * sizeof *shape);
+  *out = f;
+  return 0;
+}
+
+int luna_client_encode(luna_client *c, const luna_encode_args *a, luna_encode_result *r) {
+  if (r) memset(r, 0, sizeof *r);
+  if (!c) return LUNA_EINVAL;
+  if (!a || !r) return set_err(c, LUNA_EINVAL, "encode: the arguments or the result are NULL");
+  cJSON *m;
+  int rc = encode_msg(c, a, &m);
+  if (rc) return rc;
+  reply rep;
+  rc = exchange(c, LUNA_MSG_ENCODE, m, &rep);
+  cJSON_Delete(m);
+  if (rc) return rc;
+
+  const cJSON *fam = cJSON_GetObjectItemCaseSensitive(rep.msg, "family");
+  const cJSON *cached = cJSON_GetObjectItemCaseSensitive(rep.msg, "cached");
+  if (!cJSON_IsString(fam) || !fam->valuestring[0] || strlen(fam->valuestring) >= sizeof r->family) {
+    rc = set_err(c, LUNA_EPROTO, "%s: the encode reply has no valid \"family\"", c->peer);
+    goto done;
+  }
+  if ((rc = take_f32(c, &rep, "cond", 3, r->cond_shape, &r->cond)) ||
+      (rc = take_f32(c, &rep, "pooled", 2, r->pooled_shape, &r->pooled)))
+    goto done;
+  strcpy(r->family, fam->valuestring);
+  r->cached = cJSON_IsTrue(cached);
+  set_ok(c);
+done:
+  reply_free(&rep);
+  if (rc) luna_encode_result_free(r);
+  return rc;
+}
+
+void luna_encode_result_free(luna_encode_result *r) {
+  if (!r) return;
+  free(r->cond);
+  free(r->pooled);
+  memset(r, 0, sizeof *r);
+}
+
+void luna_free(void *p) { free(p); }
+
+const char *luna_default_socket(void) {
+  static _Thread_local char path[4096];
+  const char *s = getenv("LUNA_SOCKET");
+  if (s && *s) {
+    snprintf(path, sizeof path, "%s", s);
+    return path;
+  }
+  const char *dir = getenv("XDG_RUNTIME_DIR");
+  if (dir && *dir) snprintf(path, sizeof path, "%s/lunad.sock", dir);
+  else snprintf(path, sizeof path, "/tmp/lunad-%lu.sock", (unsigned long)getuid());
+  return path;
+}

@@ -1,0 +1,272 @@
+/* dispatch.c -- what each lunad message does: cheap ones on the loop, the rest on workers */
+/* SPDX-License-Identifier: MIT */
+#include "server/server.h"
+
+#include "core/log.h"
+#include "ops/ops.h"
+#include "proto/frame.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static void reply_json(job *j, cJSON *msg, const frame_out_tensor *t, size_t n) {
+  char err[LUNA_ERR_LEN];
+  if (frame_build(j->type, LUNA_FLAG_REPLY, j->request_id, msg, t, n, &j->reply, &j->reply_len, err)) {
+    frame_build_error(j->type, j->request_id, LUNA_ENOMEM, err, &j->reply, &j->reply_len);
+    j->failed = 1;
+  }
+  cJSON_Delete(msg);
+}
+
+static void reply_error(job *j, int status, const char *msg) {
+  frame_build_error(j->type, j->request_id, status, msg, &j->reply, &j->reply_len);
+  j->failed = 1;
+}
+
+static cJSON *health_json(void) {
+  int ready;
+  cJSON *models = registry_describe(&ready);
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddBoolToObject(o, "live", 1);
+  cJSON_AddBoolToObject(o, "ready", ready && !atomic_load(&srv.stopping));
+  /* health lists only what a client needs: id and state */
+  cJSON *slim = cJSON_AddArrayToObject(o, "models");
+  for (cJSON *m = models ? models->child : NULL; m; m = m->next) {
+    cJSON *s = cJSON_CreateObject();
+    cJSON_AddStringToObject(s, "id", cJSON_GetObjectItem(m, "id")->valuestring);
+    cJSON_AddStringToObject(s, "state", cJSON_GetObjectItem(m, "state")->valuestring);
+    cJSON *e = cJSON_GetObjectItem(m, "error");
+    if (e) cJSON_AddStringToObject(s, "error", e->valuestring);
+    cJSON_AddItemToArray(slim, s);
+  }
+  cJSON_Delete(models);
+  return o;
+}
+
+static cJSON *status_json(void) {
+  int ready;
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "version", LUNAD_VERSION);
+  cJSON_AddNumberToObject(o, "protocol", LUNA_PROTO_VERSION);
+  cJSON_AddNumberToObject(o, "pid", (double)getpid());
+  cJSON_AddNumberToObject(o, "uptime_s", (srv_now_ms() - srv.start_ms) / 1000.0);
+  cJSON_AddNumberToObject(o, "rss_bytes", srv_rss_bytes());
+  cJSON_AddNumberToObject(o, "weights_bytes", (double)registry_weight_bytes());
+  cJSON_AddNumberToObject(o, "connections", atomic_load(&srv.n_conns));
+  cJSON_AddNumberToObject(o, "workers", srv.cfg.workers);
+  cJSON_AddNumberToObject(o, "threads_per_worker", srv.cfg.threads_per_worker);
+  cJSON_AddBoolToObject(o, "stopping", atomic_load(&srv.stopping));
+  cJSON *q = cJSON_AddObjectToObject(o, "queue");
+  pthread_mutex_lock(&srv.queue_mu);
+  cJSON_AddNumberToObject(q, "depth", srv.queue_depth);
+  cJSON_AddNumberToObject(q, "running", srv.in_flight);
+  pthread_mutex_unlock(&srv.queue_mu);
+  cJSON_AddNumberToObject(q, "max", srv.cfg.max_queue);
+  cJSON *r = cJSON_AddObjectToObject(o, "requests");
+  cJSON_AddNumberToObject(r, "served", (double)atomic_load(&srv.stats.served));
+  cJSON_AddNumberToObject(r, "failed", (double)atomic_load(&srv.stats.failed));
+  cJSON_AddNumberToObject(r, "busy", (double)atomic_load(&srv.stats.busy));
+  cJSON_AddNumberToObject(r, "expired", (double)atomic_load(&srv.stats.expired));
+  cJSON_AddNumberToObject(r, "dropped", (double)atomic_load(&srv.stats.dropped));
+  cJSON_AddItemToObject(o, "models", registry_describe(&ready));
+  return o;
+}
+
+int dispatch_inline(struct conn *c, job *j) {
+  (void)c;
+  switch (j->type) {
+  case LUNA_MSG_PING: reply_json(j, cJSON_CreateObject(), NULL, 0); return 1;
+  case LUNA_MSG_HEALTH: reply_json(j, health_json(), NULL, 0); return 1;
+  case LUNA_MSG_STATUS: reply_json(j, status_json(), NULL, 0); return 1;
+  case LUNA_MSG_MODELS: {
+    const cJSON *a = cJSON_GetObjectItemCaseSensitive(j->msg, "action");
+    if (a && !cJSON_IsString(a)) {
+      reply_error(j, LUNA_EINVAL, "\"action\" must be \"list\", \"load\" or \"unload\"");
+      return 1;
+    }
+    if (!a || !strcmp(a->valuestring, "list")) {
+      int ready;
+      cJSON *o = cJSON_CreateObject();
+      cJSON_AddItemToObject(o, "models", registry_describe(&ready));
+      reply_json(j, o, NULL, 0);
+      return 1;
+    }
+    if (strcmp(a->valuestring, "load") && strcmp(a->valuestring, "unload")) {
+      reply_error(j, LUNA_EINVAL, "\"action\" must be \"list\", \"load\" or \"unload\"");
+      return 1;
+    }
+    return 0; /* load and unload touch files: a worker does them */
+  }
+  case LUNA_MSG_ENCODE: return 0;
+  default: {
+    char msg[96];
+    snprintf(msg, sizeof msg, "unknown message type %u", j->type);
+    reply_error(j, LUNA_EUNKNOWN, msg);
+    return 1;
+  }
+  }
+}
+
+static void run_models(job *j) {
+  const char *action = cJSON_GetObjectItemCaseSensitive(j->msg, "action")->valuestring;
+  const cJSON *spec = cJSON_GetObjectItemCaseSensitive(j->msg, "model");
+  char err[LUNA_ERR_LEN] = "";
+  if (!spec) return reply_error(j, LUNA_EINVAL, "\"model\" is required for load and unload");
+  if (!strcmp(action, "unload")) {
+    int rc = registry_unload(spec, err);
+    if (rc) return reply_error(j, rc, err);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddBoolToObject(o, "unloaded", 1);
+    return reply_json(j, o, NULL, 0);
+  }
+  model *m;
+  int rc = registry_acquire(spec, &m, err);
+  if (rc) return reply_error(j, rc, err);
+  registry_release(m);
+  int ready;
+  cJSON *all = registry_describe(&ready), *o = cJSON_CreateObject();
+  for (cJSON *e = all->child; e; e = e->next)
+    if (!strcmp(cJSON_GetObjectItem(e, "id")->valuestring, model_id(m))) {
+      cJSON_AddItemToObject(o, "model", cJSON_Duplicate(e, 1));
+      break;
+    }
+  cJSON_Delete(all);
+  reply_json(j, o, NULL, 0);
+}
+
+/* The tokens of one encoder from the request's "tokens" object. */
+static int tokens_for(const cJSON *tokens, const char *key, tok_chunks *out, char *err) {
+  const cJSON *k = cJSON_GetObjectItemCaseSensitive(tokens, key);
+  if (!k) return luna_fail(err, LUNA_ETOKENS, "\"tokens\" has no \"%s\" chunks; this model needs them", key);
+  cJSON *wrap = cJSON_CreateObject();
+  cJSON_AddItemToObject(wrap, key, cJSON_Duplicate(k, 1));
+  char *s = cJSON_PrintUnformatted(wrap);
+  cJSON_Delete(wrap);
+  if (!s) return luna_fail(err, LUNA_ENOMEM, "out of memory");
+  int rc = tok_json_parse(s, strlen(s), key, out, err);
+  free(s);
+  return rc;
+}
+
+/* A parsed encode request. */
+typedef struct enc_req {
+  job *j;
+  tok_chunks l, g;
+  int clip_layer;
+  int ok;
+} enc_req;
+
+/* Validate the request's fields; tokens are parsed once the family is known. */
+static int encode_fields(job *j, const cJSON **tokens, const cJSON **text, int *clip_layer, char *err) {
+  const cJSON *spec = cJSON_GetObjectItemCaseSensitive(j->msg, "model");
+  const cJSON *layer = cJSON_GetObjectItemCaseSensitive(j->msg, "clip_layer");
+  const cJSON *cache = cJSON_GetObjectItemCaseSensitive(j->msg, "cache");
+  *tokens = cJSON_GetObjectItemCaseSensitive(j->msg, "tokens");
+  *text = cJSON_GetObjectItemCaseSensitive(j->msg, "text");
+  if (!spec) return luna_fail(err, LUNA_EINVAL, "\"model\" is required");
+  if (!*tokens == !*text) return luna_fail(err, LUNA_EINVAL, "give exactly one of \"tokens\" and \"text\"");
+  if (*tokens && !cJSON_IsObject(*tokens))
+    return luna_fail(err, LUNA_EINVAL, "\"tokens\" must be an object {\"l\": ..., \"g\": ...}");
+  if (*text && !cJSON_IsString(*text)) return luna_fail(err, LUNA_EINVAL, "\"text\" must be a string");
+  if (*text && !srv.vocab) return luna_fail(err, LUNA_EINVAL, "this daemon was started without --tokenizer: send \"tokens\"");
+  if (cache && !cJSON_IsBool(cache)) return luna_fail(err, LUNA_EINVAL, "\"cache\" must be true or false");
+  *clip_layer = 0;
+  if (layer && !cJSON_IsNull(layer)) {
+    double v = cJSON_IsNumber(layer) ? layer->valuedouble : 1;
+    if (v > 0 || v < -1000 || floor(v) != v) return luna_fail(err, LUNA_EINVAL, "\"clip_layer\" must be an integer in [-1000, 0]");
+    *clip_layer = (int)v;
+  }
+  return 0;
+}
+
+/* Run encode jobs that share a model and a clip layer as one batch (work.c groups them). */
+static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
+  char err[LUNA_ERR_LEN] = "";
+  enc_req *rq = calloc((size_t)n, sizeof *rq);
+  if (!rq) {
+    for (int i = 0; i < n; i++) reply_error(jobs[i], LUNA_ENOMEM, "out of memory");
+    return;
+  }
+  model *m = NULL;
+  int rc = registry_acquire(cJSON_GetObjectItemCaseSensitive(jobs[0]->msg, "model"), &m, err);
+  te_family fam = rc ? TE_SD1 : te_set_family(model_set(m));
+  int n_ok = 0;
+  for (int i = 0; i < n; i++) {
+    job *j = rq[i].j = jobs[i];
+    if (rc) { reply_error(j, rc, err); continue; }
+    const cJSON *tokens, *text;
+    char e2[LUNA_ERR_LEN] = "";
+    int r = encode_fields(j, &tokens, &text, &rq[i].clip_layer, e2);
+    if (!r && tokens) {
+      r = tokens_for(tokens, "l", &rq[i].l, e2);
+      if (!r && fam == TE_SDXL) r = tokens_for(tokens, "g", &rq[i].g, e2);
+    } else if (!r) {
+      r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_L, &rq[i].l, e2);
+      if (!r && fam == TE_SDXL) r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_G, &rq[i].g, e2);
+    }
+    if (r) reply_error(j, r, e2);
+    else rq[i].ok = 1, n_ok++;
+  }
+  if (n_ok) {
+    te_request *tr = calloc((size_t)n_ok, sizeof *tr);
+    te_output *out = calloc((size_t)n_ok, sizeof *out);
+    enc_req **who = calloc((size_t)n_ok, sizeof *who);
+    int k = 0;
+    for (int i = 0; tr && out && who && i < n; i++)
+      if (rq[i].ok) {
+        tr[k] = (te_request){&rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL, rq[i].clip_layer};
+        who[k++] = &rq[i];
+      }
+    int r = !tr || !out || !who ? luna_fail(err, LUNA_ENOMEM, "out of memory")
+                                : te_set_encode_batch(model_set(m), pool, tr, n_ok, out, err);
+    for (int i = 0; i < n_ok && who; i++) {
+      job *j = who[i]->j;
+      if (r) { reply_error(j, r, err); continue; }
+      frame_out_tensor t[2] = {
+          {"cond", ST_F32, 3, {1, out[i].n_tokens, out[i].dim}, out[i].cond},
+          {"pooled", ST_F32, 2, {1, out[i].pooled_dim}, out[i].pooled},
+      };
+      cJSON *o = cJSON_CreateObject();
+      cJSON_AddStringToObject(o, "family", te_family_name(fam));
+      cJSON_AddBoolToObject(o, "cached", 0);
+      cJSON_AddNumberToObject(o, "batch", n_ok);
+      reply_json(j, o, t, 2);
+      te_output_free(&out[i]);
+    }
+    free(tr);
+    free(out);
+    free(who);
+  }
+  if (m) registry_release(m);
+  for (int i = 0; i < n; i++) {
+    tok_chunks_free(&rq[i].l);
+    tok_chunks_free(&rq[i].g);
+  }
+  free(rq);
+}
+
+void dispatch_run_batch(job **jobs, int n, ops_pool *pool) {
+  if (jobs[0]->type == LUNA_MSG_ENCODE) run_encode_batch(jobs, n, pool);
+  else
+    for (int i = 0; i < n; i++) dispatch_run(jobs[i], pool);
+}
+
+char *dispatch_batch_key(const job *j) {
+  if (j->type != LUNA_MSG_ENCODE) return NULL;
+  const cJSON *spec = cJSON_GetObjectItemCaseSensitive(j->msg, "model");
+  const cJSON *layer = cJSON_GetObjectItemCaseSensitive(j->msg, "clip_layer");
+  if (!spec) return NULL;
+  char *a = cJSON_PrintUnformatted(spec), *key = NULL;
+  if (a && asprintf(&key, "%s|%g", a, layer && cJSON_IsNumber(layer) ? layer->valuedouble : 0.0) < 0) key = NULL;
+  free(a);
+  return key;
+}
+
+void dispatch_run(job *j, ops_pool *pool) {
+  if (j->type == LUNA_MSG_MODELS) run_models(j);
+  else if (j->type == LUNA_MSG_ENCODE) run_encode_batch(&j, 1, pool);
+  else reply_error(j, LUNA_EINTERNAL, "message type not handled by workers");
+}

@@ -1,0 +1,151 @@
+/* server.h -- lunad's shared state and the prototypes of its modules */
+/* SPDX-License-Identifier: MIT */
+/*
+** Threads and lock order. One loop thread owns every connection (accept, read, parse,
+** write, close, free). Worker threads own nothing but the job they run. Shared state:
+**   srv.queue_mu   the work queue and its counters        (loop pushes, workers pop)
+**   srv.done_mu    finished jobs waiting for the loop      (workers push, loop drains)
+**   reg.mu         the model registry (registry.c)
+** A thread never holds two of these at once. A connection is freed only by the loop,
+** once no job refers to it ('refs' == 0, counted by the loop thread alone); a worker
+** learns that its client went away through the job's atomic 'cancelled' flag.
+*/
+#ifndef LUNA_SERVER_SERVER_H
+#define LUNA_SERVER_SERVER_H
+
+#include "core/status.h"
+#include "luna_proto.h"
+#include "models/textenc.h"
+#include "text/tokenizer.h"
+
+#include <cJSON.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define LUNAD_VERSION "0.1.0"
+#define SRV_MAX_DIRS 16
+#define SRV_MAX_PRELOAD 16
+
+/* Configuration: every field is a command-line flag and a --config key (config.c). */
+typedef struct srv_config {
+  const char *socket_path;            /* Unix socket path */
+  unsigned socket_mode;               /* its file mode (default 0600) */
+  const char *listen;                 /* HOST:PORT for TCP, or NULL */
+  const char *token_file;             /* required with 'listen' */
+  const char *models_dirs[SRV_MAX_DIRS];
+  int n_models_dirs;
+  const char *preload[SRV_MAX_PRELOAD];
+  int n_preload;
+  const char *tokenizer_dir;          /* for text requests; NULL: tokens only */
+  uint64_t max_model_mem;             /* bytes; 0: no budget */
+  uint64_t max_frame;                 /* bytes */
+  int max_queue;                      /* queued jobs before EBUSY */
+  int batch_max;                      /* encode requests run as one forward pass (1: no batching) */
+  int workers;                        /* compute workers */
+  int threads_per_worker;             /* ops_pool size per worker (0: one per CPU) */
+  double grace_s;                     /* shutdown grace for in-flight work */
+  double io_timeout_s;                /* a started frame must complete within this */
+  double deadline_s;                  /* default per-request deadline (0: none) */
+  int weight_f32;                     /* keep weights as fp32 instead of fp16 */
+  int log_level;
+} srv_config;
+
+struct conn;
+
+/* One request handed to the workers. */
+typedef struct job {
+  struct conn *c;                     /* the client; the loop holds a ref for the job */
+  atomic_int *cancelled;              /* the connection's flag, set when it goes away */
+  uint16_t type;
+  uint64_t request_id;
+  cJSON *msg;                         /* parsed JSON part, owned */
+  double received_ms, deadline_ms;    /* monotonic ms; deadline 0: none */
+  uint8_t *reply;                     /* built by the worker */
+  size_t reply_len;
+  int failed;                         /* the reply is an error */
+  char *batch_key;                    /* encode jobs with equal keys may share a forward pass */
+  struct job *next;
+} job;
+
+typedef struct srv_stats {
+  atomic_uint_fast64_t served, failed, busy, expired, dropped;
+} srv_stats;
+
+typedef struct server {
+  srv_config cfg;
+  char *token;                        /* TCP token, or NULL */
+  size_t token_len;
+  tok_vocab *vocab;                   /* from --tokenizer, or NULL */
+  double start_ms;
+  atomic_int stopping;                /* SIGTERM/SIGINT received */
+  /* work queue */
+  pthread_mutex_t queue_mu;
+  pthread_cond_t queue_cv;
+  job *queue_head, *queue_tail;
+  int queue_depth;
+  int in_flight;                      /* jobs popped and not yet finished */
+  /* finished jobs */
+  pthread_mutex_t done_mu;
+  job *done_head, *done_tail;
+  int wake_fd;                        /* eventfd the workers write to wake the loop */
+  srv_stats stats;                    /* atomics: no lock */
+  atomic_int n_conns;
+  pthread_t *worker_threads;
+  int n_workers;
+} server;
+
+extern server srv;
+
+/* config.c -- flags, --config files, --help */
+int config_parse_args(srv_config *cfg, int argc, char **argv, char *err);
+void config_usage(FILE *f);
+
+/* loop.c -- listeners, connections, frames, the epoll loop */
+int loop_run(char *err);
+
+/* work.c -- the queue and the compute workers */
+int work_start(char *err);
+void work_stop(void);
+/* work_submit queues 'j'; returns 0, LUNA_EBUSY when the queue is full or
+** LUNA_ESHUTDOWN when stopping (the caller keeps 'j' then). */
+int work_submit(job *j);
+/* work_take_done moves the finished jobs to the caller (a list linked by 'next'). */
+job *work_take_done(void);
+int work_idle(void);                  /* nothing queued or running */
+
+/* registry.c -- loaded models: identity, path rules, loading, memory budget */
+typedef struct model model;
+int registry_init(char *err);
+void registry_free(void);
+/* registry_acquire resolves the relative paths in 'spec' (a JSON string or array),
+** loads the model on first use (waiting if another thread is loading it) and returns
+** it with a reference held. */
+int registry_acquire(const cJSON *spec, model **out, char *err);
+void registry_release(model *m);
+const te_set *model_set(const model *m);
+const char *model_id(const model *m);
+/* registry_unload drops the model named by 'spec' once idle. */
+int registry_unload(const cJSON *spec, char *err);
+/* JSON array of the models (for health, status and models list); 'ready' gets 0 when
+** a model is loading. */
+cJSON *registry_describe(int *all_ready);
+uint64_t registry_weight_bytes(void);
+
+/* dispatch.c -- what each message does */
+/* dispatch_inline answers the cheap messages on the loop thread; returns 1 and a
+** reply when it did, 0 when the job must go to a worker. */
+int dispatch_inline(struct conn *c, job *j);
+/* dispatch_run runs 'j' on a worker with its compute pool 'pool'. */
+struct ops_pool;
+void dispatch_run(job *j, struct ops_pool *pool);
+/* dispatch_run_batch runs jobs with one batch key together (encode: one forward pass). */
+void dispatch_run_batch(job **jobs, int n, struct ops_pool *pool);
+/* dispatch_batch_key: malloc'd key of jobs that may be batched with 'j', or NULL. */
+char *dispatch_batch_key(const job *j);
+
+double srv_now_ms(void);
+double srv_rss_bytes(void);
+
+#endif
