@@ -108,10 +108,19 @@ $(BUILD)/demo/demo-sd1.safetensors: $(BUILD)/luna
 	@mkdir -p $(dir $@)
 	$(BUILD)/luna demo-model --out $@
 
+# make run: the daemon in the foreground, on the built-in demo model unless
+# MODELS_DIR (and PRELOAD, relative paths) name real ones; LUNAD_FLAGS adds flags.
+MODELS_DIR ?=
+PRELOAD ?=
+LUNAD_FLAGS ?=
 run: deps
-	@$(MAKE) --no-print-directory $(BUILD)/luna $(BUILD)/demo/demo-sd1.safetensors
-	$(BUILD)/luna encode --local --model $(BUILD)/demo/demo-sd1.safetensors \
-	    --tokens examples/demo-tokens.json --out $(BUILD)/demo/demo-cond.safetensors --summary
+	@$(MAKE) --no-print-directory $(BUILD)/luna $(BUILD)/lunad $(BUILD)/demo/demo-sd1.safetensors
+	@echo "lunad: serving $(if $(MODELS_DIR),$(MODELS_DIR),the built-in demo model (meaningless embeddings))."
+	@echo "  try, in another terminal: $(BUILD)/luna encode --model $(if $(MODELS_DIR),<file>,demo-sd1.safetensors) \
+	--tokens examples/demo-tokens.json --out /tmp/cond.safetensors --summary"
+	@echo "  stop with Ctrl-C (in-flight work finishes first)."
+	exec $(BUILD)/lunad --models-dir $(if $(MODELS_DIR),$(MODELS_DIR),$(BUILD)/demo) \
+	    $(if $(MODELS_DIR),$(addprefix --preload ,$(PRELOAD)),--preload demo-sd1.safetensors) $(LUNAD_FLAGS)
 
 test: deps
 	@$(MAKE) --no-print-directory all

@@ -33,6 +33,7 @@ static const opt opts[] = {
     {"tokenizer", OPT_STR, F(tokenizer_dir), 0, 0, "DIR", "vocab.json + merges.txt folder, for requests that send text"},
     {"max-model-mem", OPT_BYTES, F(max_model_mem), 0, 0, "BYTES", "unload idle models, least recently used first, above this (K/M/G suffixes; 0: no limit)"},
     {"max-frame", OPT_BYTES, F(max_frame), 0, 0, "BYTES", "largest frame accepted (default 64M)"},
+    {"cache-mem", OPT_BYTES, F(cache_mem), 0, 0, "BYTES", "result cache for identical encode requests (default 256M; 0 disables it)"},
     {"max-queue", OPT_INT, F(max_queue), 0, 1000000, "N", "queued requests before replying busy (default 256)"},
     {"batch-max", OPT_INT, F(batch_max), 0, 256, "N", "queued encode requests for one model run as one forward pass, at most N (default 8; 1: no batching)"},
     {"workers", OPT_INT, F(workers), 0, 64, "N", "compute workers (default 1)"},
@@ -182,6 +183,7 @@ int config_parse_args(srv_config *cfg, int argc, char **argv, char *err) {
   cfg->socket_mode = 0600;
   cfg->max_frame = LUNA_DEFAULT_MAX_FRAME;
   cfg->max_queue = 256;
+  cfg->cache_mem = 256u << 20;
   cfg->batch_max = 8;
   cfg->workers = 1;
   cfg->grace_s = 30;

@@ -71,6 +71,7 @@ static cJSON *status_json(void) {
   cJSON_AddNumberToObject(r, "busy", (double)atomic_load(&srv.stats.busy));
   cJSON_AddNumberToObject(r, "expired", (double)atomic_load(&srv.stats.expired));
   cJSON_AddNumberToObject(r, "dropped", (double)atomic_load(&srv.stats.dropped));
+  cJSON_AddItemToObject(o, "cache", rcache_describe());
   cJSON_AddItemToObject(o, "models", registry_describe(&ready));
   return o;
 }
@@ -157,7 +158,22 @@ typedef struct enc_req {
   tok_chunks l, g;
   int clip_layer;
   int ok;
+  int use_cache;
+  uint8_t *key;     /* result cache key */
+  size_t key_len;
 } enc_req;
+
+static void reply_output(job *j, te_family fam, const te_output *o, int cached, int batch) {
+  frame_out_tensor t[2] = {
+      {"cond", ST_F32, 3, {1, o->n_tokens, o->dim}, o->cond},
+      {"pooled", ST_F32, 2, {1, o->pooled_dim}, o->pooled},
+  };
+  cJSON *r = cJSON_CreateObject();
+  cJSON_AddStringToObject(r, "family", te_family_name(fam));
+  cJSON_AddBoolToObject(r, "cached", cached);
+  cJSON_AddNumberToObject(r, "batch", batch);
+  reply_json(j, r, t, 2);
+}
 
 /* Validate the request's fields; tokens are parsed once the family is known. */
 static int encode_fields(job *j, const cJSON **tokens, const cJSON **text, int *clip_layer, char *err) {
@@ -207,8 +223,21 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
       r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_L, &rq[i].l, e2);
       if (!r && fam == TE_SDXL) r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_G, &rq[i].g, e2);
     }
-    if (r) reply_error(j, r, e2);
-    else rq[i].ok = 1, n_ok++;
+    if (r) {
+      reply_error(j, r, e2);
+      continue;
+    }
+    const cJSON *cache = cJSON_GetObjectItemCaseSensitive(j->msg, "cache");
+    rq[i].use_cache = srv.cfg.cache_mem && !cJSON_IsFalse(cache);
+    if (rq[i].use_cache)
+      rq[i].key = rcache_key(model_key(m), rq[i].clip_layer, &rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL, &rq[i].key_len);
+    te_output hit;
+    if (rq[i].key && rcache_get(rq[i].key, rq[i].key_len, &hit)) {
+      reply_output(j, fam, &hit, 1, 1);
+      te_output_free(&hit);
+      continue;
+    }
+    rq[i].ok = 1, n_ok++;
   }
   if (n_ok) {
     te_request *tr = calloc((size_t)n_ok, sizeof *tr);
@@ -225,15 +254,8 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
     for (int i = 0; i < n_ok && who; i++) {
       job *j = who[i]->j;
       if (r) { reply_error(j, r, err); continue; }
-      frame_out_tensor t[2] = {
-          {"cond", ST_F32, 3, {1, out[i].n_tokens, out[i].dim}, out[i].cond},
-          {"pooled", ST_F32, 2, {1, out[i].pooled_dim}, out[i].pooled},
-      };
-      cJSON *o = cJSON_CreateObject();
-      cJSON_AddStringToObject(o, "family", te_family_name(fam));
-      cJSON_AddBoolToObject(o, "cached", 0);
-      cJSON_AddNumberToObject(o, "batch", n_ok);
-      reply_json(j, o, t, 2);
+      if (who[i]->key) rcache_put(who[i]->key, who[i]->key_len, &out[i]);
+      reply_output(j, fam, &out[i], 0, n_ok);
       te_output_free(&out[i]);
     }
     free(tr);
@@ -244,6 +266,7 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
   for (int i = 0; i < n; i++) {
     tok_chunks_free(&rq[i].l);
     tok_chunks_free(&rq[i].g);
+    free(rq[i].key);
   }
   free(rq);
 }

@@ -90,6 +90,7 @@ int main(int argc, char **argv) {
   rc = loop_run(err);
   work_stop();
   registry_free();
+  rcache_free();
   tok_vocab_free(srv.vocab);
   free(srv.token);
   if (rc) goto fail;

@@ -320,6 +320,7 @@ void registry_release(model *m) {
 
 const te_set *model_set(const model *m) { return m->set; }
 const char *model_id(const model *m) { return m->id; }
+const char *model_key(const model *m) { return m->key; }
 
 int registry_unload(const cJSON *spec, char *err) {
   char *paths[MAX_FILES] = {0}, *key = NULL, *id = NULL;

@@ -6,6 +6,7 @@
 **   srv.queue_mu   the work queue and its counters        (loop pushes, workers pop)
 **   srv.done_mu    finished jobs waiting for the loop      (workers push, loop drains)
 **   reg.mu         the model registry (registry.c)
+**   C.mu           the result cache (cache.c)
 ** A thread never holds two of these at once. A connection is freed only by the loop,
 ** once no job refers to it ('refs' == 0, counted by the loop thread alone); a worker
 ** learns that its client went away through the job's atomic 'cancelled' flag.
@@ -41,6 +42,7 @@ typedef struct srv_config {
   const char *tokenizer_dir;          /* for text requests; NULL: tokens only */
   uint64_t max_model_mem;             /* bytes; 0: no budget */
   uint64_t max_frame;                 /* bytes */
+  uint64_t cache_mem;                 /* result cache budget in bytes; 0 disables it */
   int max_queue;                      /* queued jobs before EBUSY */
   int batch_max;                      /* encode requests run as one forward pass (1: no batching) */
   int workers;                        /* compute workers */
@@ -126,12 +128,22 @@ int registry_acquire(const cJSON *spec, model **out, char *err);
 void registry_release(model *m);
 const te_set *model_set(const model *m);
 const char *model_id(const model *m);
+const char *model_key(const model *m);  /* identity: resolved paths, sizes, mtimes */
 /* registry_unload drops the model named by 'spec' once idle. */
 int registry_unload(const cJSON *spec, char *err);
 /* JSON array of the models (for health, status and models list); 'ready' gets 0 when
 ** a model is loading. */
 cJSON *registry_describe(int *all_ready);
 uint64_t registry_weight_bytes(void);
+
+/* cache.c -- the result cache (rcache_) */
+/* rcache_key returns the malloc'd exact key of an encode, or NULL when out of memory. */
+uint8_t *rcache_key(const char *model_key, int clip_layer, const tok_chunks *l, const tok_chunks *g, size_t *len);
+/* rcache_get copies a cached result into '*out' and returns 1 on a hit, 0 on a miss. */
+int rcache_get(const uint8_t *key, size_t len, te_output *out);
+void rcache_put(const uint8_t *key, size_t len, const te_output *out);
+cJSON *rcache_describe(void);
+void rcache_free(void);
 
 /* dispatch.c -- what each message does */
 /* dispatch_inline answers the cheap messages on the loop thread; returns 1 and a
