@@ -62,7 +62,8 @@ class Client:
     @classmethod
     def unix(cls, path=None, timeout=None):
         """Connect to lunad's Unix socket ('path', default default_socket()).
-        'timeout' (seconds) bounds each socket operation; None waits forever."""
+        'timeout' (seconds) bounds each socket operation; None waits forever. A
+        timeout raises LunaError ECONN and closes the client (a reply may be half read)."""
         path = os.fspath(path) if path is not None else default_socket()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
@@ -130,6 +131,17 @@ class Client:
         try:
             self._sock.sendall(frame)
         except OSError as e:
+            # lunad may have refused the frame (ETOOBIG) and closed: its error reply,
+            # if it got that far, is still waiting to be read and says more than EPIPE.
+            if isinstance(e, (BrokenPipeError, ConnectionResetError)):
+                try:
+                    reply = self._recv_wire()
+                except LunaError:
+                    reply = None
+                if reply is not None and reply[1] & proto.FLAG_ERROR:
+                    self._stash[reply[0]] = reply
+                    self.close()
+                    return rid
             raise self._broken(proto.ECONN, "sending a request: %s" % (e.strerror or e)) from None
         return rid
 

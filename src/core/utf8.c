@@ -2,6 +2,8 @@
 /* SPDX-License-Identifier: MIT */
 #include "core/utf8.h"
 
+#include <string.h>
+
 /* Strict UTF-8 check (no overlongs, no surrogates, nothing above U+10FFFF). */
 int utf8_valid(const uint8_t *s, size_t n, size_t *bad) {
   size_t i = 0;
@@ -25,3 +27,11 @@ int utf8_valid(const uint8_t *s, size_t n, size_t *bad) {
   return 1;
 }
 
+
+void utf8_sanitize(char *s) {
+  size_t n = strlen(s), off = 0, bad;
+  while (off < n && !utf8_valid((const uint8_t *)s + off, n - off, &bad)) {
+    s[off + bad] = '?';
+    off += bad + 1;
+  }
+}

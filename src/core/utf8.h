@@ -11,4 +11,8 @@
 ** first bad sequence in '*bad'. */
 int utf8_valid(const uint8_t *s, size_t n, size_t *bad);
 
+/* utf8_sanitize replaces, in place, each byte that starts an invalid sequence in the
+** NUL-terminated 's' with '?', so the result is valid UTF-8. */
+void utf8_sanitize(char *s);
+
 #endif

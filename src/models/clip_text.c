@@ -455,7 +455,10 @@ int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, in
       memcpy(h + b * D, x + (b * T + at) * D, (size_t)D * sizeof(float));
     }
     ops_layer_norm(pool, h, B, D, m->lnf_w, m->lnf_b, CLIP_LN_EPS, h);
-    if (project && hp->d_proj) ops_linear(pool, h, B, &m->proj, NULL, pooled);
+    /* one row at a time: a GEMM's summation order may depend on its row count, and a
+    ** sequence's result must not depend on the batch it ran in */
+    if (project && hp->d_proj)
+      for (int b = 0; b < B; b++) ops_linear(pool, h + (int64_t)b * D, 1, &m->proj, NULL, pooled + (int64_t)b * hp->d_proj);
     else memcpy(pooled, h, (size_t)(B * D) * sizeof(float));
   }
   free(buf);

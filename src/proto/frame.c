@@ -34,7 +34,9 @@ int frame_parse_header(const uint8_t *buf, size_t len, uint64_t max_frame, frame
                      h->version, LUNA_PROTO_VERSION);
   if (h->json_len > LUNA_MAX_JSON)
     return luna_fail(err, LUNA_ETOOBIG, "frame header: json_len %u exceeds %u", h->json_len, LUNA_MAX_JSON);
-  if (h->bin_len > max_frame || LUNA_FRAME_HEADER + (uint64_t)h->json_len + h->bin_len > max_frame)
+  /* compared by subtraction: no sum can wrap */
+  if (max_frame < LUNA_FRAME_HEADER || h->json_len > max_frame - LUNA_FRAME_HEADER ||
+      h->bin_len > max_frame - LUNA_FRAME_HEADER - h->json_len)
     return luna_fail(err, LUNA_ETOOBIG, "frame header: %llu bytes of payload exceed the maximum frame of %llu",
                      (unsigned long long)((uint64_t)h->json_len + (h->bin_len > max_frame ? max_frame : h->bin_len)),
                      (unsigned long long)max_frame);
@@ -152,7 +154,14 @@ int frame_build_error(uint16_t type, uint64_t request_id, int status, const char
   if (!m) return LUNA_ENOMEM;
   cJSON_AddNumberToObject(m, "code", status);
   cJSON_AddStringToObject(m, "name", luna_status_name(status));
-  cJSON_AddStringToObject(m, "message", message ? message : luna_strerror(status));
+  char *clean = strdup(message ? message : luna_strerror(status));
+  if (!clean) {
+    cJSON_Delete(m);
+    return LUNA_ENOMEM;
+  }
+  utf8_sanitize(clean); /* messages quote client bytes, possibly cut mid-character */
+  cJSON_AddStringToObject(m, "message", clean);
+  free(clean);
   int rc = frame_build(type, LUNA_FLAG_REPLY | LUNA_FLAG_ERROR, request_id, m, NULL, 0, out, out_len, NULL);
   cJSON_Delete(m);
   return rc;

@@ -137,7 +137,25 @@ static const opt *find_opt(const char *name) {
   return NULL;
 }
 
-/* Config files outlive parsing: their strings are kept for the life of the process. */
+/* Values read from config files, owned here until config_free. */
+static char **kept;
+static size_t n_kept;
+
+static char *keep(const char *v) {
+  char **k = realloc(kept, (n_kept + 1) * sizeof *kept);
+  if (!k) return NULL;
+  kept = k;
+  return kept[n_kept] = strdup(v), kept[n_kept] ? kept[n_kept++] : NULL;
+}
+
+void config_free(void) {
+  for (size_t i = 0; i < n_kept; i++) free(kept[i]);
+  free(kept);
+  kept = NULL;
+  n_kept = 0;
+}
+
+/* Config files outlive parsing: their strings are kept until config_free. */
 static int read_config(srv_config *cfg, const char *path, char *err) {
   FILE *f = fopen(path, "r");
   if (!f) return luna_fail(err, LUNA_EIO, "--config %s: %s", path, strerror(errno));
@@ -170,9 +188,9 @@ static int read_config(srv_config *cfg, const char *path, char *err) {
       rc = luna_fail(err, LUNA_EINVAL, "%s: key '%s' needs a value", where, key);
       break;
     }
-    char *keep = val ? strdup(val) : NULL;
-    if (val && !keep) rc = luna_fail(err, LUNA_ENOMEM, "out of memory");
-    else rc = set_opt(cfg, o, keep, where, err);
+    char *v = val ? keep(val) : NULL;
+    if (val && !v) rc = luna_fail(err, LUNA_ENOMEM, "out of memory");
+    else rc = set_opt(cfg, o, v, where, err);
   }
   fclose(f);
   return rc;

@@ -31,7 +31,7 @@ static cJSON *health_json(void) {
   cJSON *models = registry_describe(&ready);
   cJSON *o = cJSON_CreateObject();
   cJSON_AddBoolToObject(o, "live", 1);
-  cJSON_AddBoolToObject(o, "ready", ready && !atomic_load(&srv.stopping));
+  cJSON_AddBoolToObject(o, "ready", ready && !atomic_load(&srv.stopping) && !atomic_load(&srv.preloads_pending));
   /* health lists only what a client needs: id and state */
   cJSON *slim = cJSON_AddArrayToObject(o, "models");
   for (cJSON *m = models ? models->child : NULL; m; m = m->next) {

@@ -19,6 +19,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+/* Buffers above this size are released once empty. */
+#define CONN_KEEP_BYTES 65536u
 /* Reading pauses while this many reply bytes wait for a client that does not read. */
 #define WRITE_HIGH_WATER (256u << 20)
 
@@ -46,6 +48,7 @@ static struct {
   int ep;
   int unix_fd, tcp_fd, sig_fd;
   conn *conns;
+  conn *graveyard;             /* closed connections, freed at the end of a loop turn */
   uint64_t next_id;
   double stop_deadline_ms;
 } L = {.unix_fd = -1, .tcp_fd = -1, .sig_fd = -1};
@@ -82,7 +85,23 @@ static void conn_close(conn *c, const char *why) {
   else L.conns = c->next;
   if (c->next) c->next->prev = c->prev;
   atomic_fetch_sub(&srv.n_conns, 1);
-  if (c->refs == 0) conn_free(c);
+  /* never freed here: events of this epoll turn may still point at it (ae.c's deferred
+  ** delete); bury_dead frees it once no job refers to it either */
+  c->prev = NULL;
+  c->next = L.graveyard;
+  L.graveyard = c;
+}
+
+static void bury_dead(void) {
+  for (conn **pp = &L.graveyard; *pp;) {
+    conn *c = *pp;
+    if (c->refs) {
+      pp = &c->next;
+      continue;
+    }
+    *pp = c->next;
+    conn_free(c);
+  }
 }
 
 static void conn_queue(conn *c, const uint8_t *data, size_t len) {
@@ -117,6 +136,11 @@ static void conn_flush(conn *c) {
   if (c->dead) return;
   if (c->woff == c->wlen) {
     c->woff = c->wlen = 0;
+    if (c->wcap > CONN_KEEP_BYTES) { /* idle connections hold little memory */
+      free(c->wbuf);
+      c->wbuf = NULL;
+      c->wcap = 0;
+    }
     if (c->close_after_write) {
       conn_close(c, "protocol error");
       return;
@@ -284,12 +308,17 @@ static void conn_process(conn *c) {
     c->rlen -= off;
   }
   c->partial_since_ms = c->rlen ? (c->partial_since_ms ? c->partial_since_ms : srv_now_ms()) : 0;
+  if (!c->rlen && c->rcap > CONN_KEEP_BYTES) {
+    free(c->rbuf);
+    c->rbuf = NULL;
+    c->rcap = 0;
+  }
 }
 
 static void conn_read(conn *c) {
   for (;;) {
     if (c->rlen == c->rcap) {
-      size_t cap = c->rcap ? c->rcap * 2 : 65536;
+      size_t cap = c->rcap ? c->rcap * 2 : 16384;
       if (cap > srv.cfg.max_frame + 65536) cap = srv.cfg.max_frame + 65536;
       if (cap <= c->rcap) { /* buffer full of complete frames waiting for writes to drain */
         conn_update_events(c);
@@ -360,11 +389,14 @@ static void deliver_done(void) {
     job *next = j->next;
     conn *c = j->c;
     if (c && j->reply) atomic_fetch_add(j->failed ? &srv.stats.failed : &srv.stats.served, 1);
+    if (!c) { /* a --preload */
+      atomic_fetch_sub(&srv.preloads_pending, 1);
+      if (j->failed) log_error("--preload %s failed", cJSON_GetObjectItem(j->msg, "model")->valuestring);
+    }
     if (c) {
       c->refs--;
       if (c->dead) {
         if (j->reply) atomic_fetch_add(&srv.stats.dropped, 1);
-        if (c->refs == 0) conn_free(c);
       } else if (j->reply) {
         conn_queue(c, j->reply, j->reply_len);
         conn_flush(c);
@@ -462,6 +494,7 @@ static void stop_listening(void) {
 
 /* Submit the --preload models as jobs with no connection. */
 static void submit_preloads(void) {
+  atomic_store(&srv.preloads_pending, srv.cfg.n_preload);
   for (int i = 0; i < srv.cfg.n_preload; i++) {
     job *j = calloc(1, sizeof *j);
     if (!j) return;
@@ -472,6 +505,7 @@ static void submit_preloads(void) {
     cJSON_AddStringToObject(j->msg, "model", srv.cfg.preload[i]);
     j->received_ms = srv_now_ms();
     if (work_submit(j)) {
+      atomic_fetch_sub(&srv.preloads_pending, 1);
       cJSON_Delete(j->msg);
       free(j);
     }
@@ -532,6 +566,7 @@ int loop_run(char *err) {
         if (!c->dead && (evs[i].events & EPOLLOUT)) conn_flush(c);
       }
     }
+    bury_dead();
     /* stalled partial frames */
     double now = srv_now_ms();
     for (conn *c = L.conns, *next; c; c = next) {
@@ -553,6 +588,7 @@ int loop_run(char *err) {
     }
   }
   while (L.conns) conn_close(L.conns, "daemon exiting");
+  bury_dead(); /* connections still referenced by unfinished jobs stay: the process ends */
   close(L.sig_fd);
   close(L.ep);
   return 0;

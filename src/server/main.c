@@ -80,11 +80,11 @@ int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   srv.start_ms = srv_now_ms();
 
-  if (srv.cfg.token_file && (rc = read_token(srv.cfg.token_file, err))) goto fail;
-  if (srv.cfg.tokenizer_dir && (rc = tok_vocab_load(srv.cfg.tokenizer_dir, &srv.vocab, err))) goto fail;
-  if ((rc = registry_init(err))) goto fail;
+  if (srv.cfg.token_file && (rc = read_token(srv.cfg.token_file, err))) goto fail_early;
+  if (srv.cfg.tokenizer_dir && (rc = tok_vocab_load(srv.cfg.tokenizer_dir, &srv.vocab, err))) goto fail_early;
+  if ((rc = registry_init(err))) goto fail_early;
   if (!srv.cfg.n_models_dirs) log_warn("no --models-dir: clients can name no model");
-  if ((rc = work_start(err))) goto fail;
+  if ((rc = work_start(err))) goto fail_early;
   log_info("%d worker(s), %s threads each, OpenBLAS kernels %s, weights kept as %s", srv.cfg.workers,
            srv.cfg.threads_per_worker ? "fixed" : "one per CPU", ops_blas_core(), srv.cfg.weight_f32 ? "fp32" : "fp16");
   rc = loop_run(err);
@@ -94,8 +94,17 @@ int main(int argc, char **argv) {
   tok_vocab_free(srv.vocab);
   free(srv.token);
   if (rc) goto fail;
+  config_free();
   return 0;
 fail:
   log_error("%s", err);
+  config_free();
+  return 1;
+fail_early:
+  log_error("%s", err);
+  registry_free();
+  tok_vocab_free(srv.vocab);
+  free(srv.token);
+  config_free();
   return 1;
 }

@@ -94,6 +94,7 @@ typedef struct server {
   int wake_fd;                        /* eventfd the workers write to wake the loop */
   srv_stats stats;                    /* atomics: no lock */
   atomic_int n_conns;
+  atomic_int preloads_pending;        /* --preload models not yet loaded (or failed) */
   pthread_t *worker_threads;
   int n_workers;
 } server;
@@ -103,6 +104,7 @@ extern server srv;
 /* config.c -- flags, --config files, --help */
 int config_parse_args(srv_config *cfg, int argc, char **argv, char *err);
 void config_usage(FILE *f);
+void config_free(void);              /* strings read from --config files */
 
 /* loop.c -- listeners, connections, frames, the epoll loop */
 int loop_run(char *err);

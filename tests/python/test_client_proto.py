@@ -198,10 +198,12 @@ def _recv_exact(conn, n):
 class FakeLunad:
     """Answers requests like lunad, from made-up state. Replies go out once 'batch'
     requests of a connection are waiting, last first. 'mode' breaks things on purpose:
-    "badmagic" (a reply with a wrong magic) or "close" (close without replying)."""
+    "badmagic" (a reply with a wrong magic) or "close" (close without replying).
+    Frames over 'max_frame' get ETOOBIG and the connection is closed unread, as lunad does."""
 
-    def __init__(self, address, family=socket.AF_UNIX, batch=1, mode=None, require_hello=False):
-        self.batch, self.mode, self.require_hello = batch, mode, require_hello
+    def __init__(self, address, family=socket.AF_UNIX, batch=1, mode=None, require_hello=False,
+                 max_frame=proto.DEFAULT_MAX_FRAME):
+        self.batch, self.mode, self.require_hello, self.max_frame = batch, mode, require_hello, max_frame
         self.requests = []
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -233,7 +235,14 @@ class FakeLunad:
                 head = _recv_exact(conn, proto.HEADER_SIZE)
                 if head is None:
                     return
-                h = proto.parse_header(head, proto.DEFAULT_MAX_FRAME)
+                try:
+                    h = proto.parse_header(head, self.max_frame)
+                except LunaError as e:
+                    # answered with the header's own type and id, unread body and all
+                    bad = proto.Header(1, int.from_bytes(head[6:8], "little"), 0, 0,
+                                       int.from_bytes(head[16:24], "little"), 0)
+                    conn.sendall(self._error(bad, e.code, e.message))
+                    return
                 body = _recv_exact(conn, h.json_len + h.bin_len)
                 msg = proto.parse_json(body[:h.json_len])
                 self.requests.append((h, msg))
@@ -383,6 +392,23 @@ def test_broken_replies(fake):
         assert e.name == "ECONN" and "closed" in e.message
     e = err_of(Client.unix, f.path + ".missing")
     assert e.name == "ECONN"
+
+
+def big_tokens(n_chunks):
+    return {"l": [[[49406, 1.0]] + [[320 + i, 1.0] for i in range(75)] + [[49407, 1.0]]] * n_chunks}
+
+
+def test_too_big_request(fake, run_luna, tmp_path):
+    f = fake(max_frame=4096)
+    for n in (8, 3000):            # fits in the socket buffers / does not: the write fails first
+        with Client.unix(f.path, timeout=10) as c:
+            e = err_of(c.encode, "demo.safetensors", big_tokens(n))
+            assert e.name == "ETOOBIG" and "4096" in e.message, e
+        tok = tmp_path / "big.json"
+        tok.write_text(json.dumps(big_tokens(n)))
+        r = run_luna("--socket", f.path, "encode", "--model", "demo.safetensors", "--tokens", tok,
+                     "--out", tmp_path / "o.st")
+        assert r.returncode == 1 and "ETOOBIG" in r.stderr, (n, r.stderr)
 
 
 def test_tcp_hello(fake):
