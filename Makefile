@@ -135,6 +135,7 @@ test-py: $(BUILD)/luna
 bench: deps
 	@$(MAKE) --no-print-directory SAN=0 all
 	LUNA_BUILD=build $(PYTHON) bench/bench.py
+	LUNA_BUILD=build $(PYTHON) bench/bench_daemon.py
 
 FUZZ_SRC := $(sort $(wildcard fuzz/fuzz-*.c))
 FUZZ_BIN := $(FUZZ_SRC:fuzz/%.c=build/fuzz/%)

@@ -143,28 +143,36 @@ def run_clients(d, model, n_clients, duration, sdxl=False, seed=0):
     return total / duration, total, errors
 
 
-def bench_throughput(bdir, clip_l, duration, client_counts=(1, 8, 32), batch_maxes=(8, 1)):
-    res, errors = {}, []
-    for bm in batch_maxes:
-        d = Lunad(models_dirs=[bdir], extra=["--batch-max", str(bm), "--max-queue", "1024"]).start()
-        try:
+def bench_throughput(bdir, clip_l, duration, rounds, client_counts=(1, 8, 32), batch_maxes=(8, 1)):
+    """Both daemons run side by side; the cells are interleaved round by round so that
+    a noisy neighbour hurts every configuration alike. Returns {(batch_max, clients):
+    median requests/s} and errors."""
+    rates, errors, daemons = {}, [], {}
+    try:
+        for bm in batch_maxes:
+            d = daemons[bm] = Lunad(models_dirs=[bdir], extra=["--batch-max", str(bm), "--max-queue", "1024"]).start()
             with d.client() as c:
                 c.models("load", clip_l.name)
                 c.encode(clip_l.name, tokens=prompt_tokens(np.random.default_rng(1)), cache=False)
+        for rnd in range(rounds):
             for n in client_counts:
-                log("[throughput] --batch-max %d, %d client(s), %.0f s ..." % (bm, n, duration))
-                rate, total, errs = run_clients(d, clip_l.name, n, duration, seed=bm * 1000 + n)
-                res[(bm, n)] = (rate, total)
-                errors += ["batch-max %d, %d clients: %s" % (bm, n, e) for e in errs[:3]]
+                for bm in batch_maxes:
+                    log("[throughput %d/%d] --batch-max %d, %d client(s), %.0f s ..." % (rnd + 1, rounds, bm, n,
+                                                                                       duration))
+                    rate, _, errs = run_clients(daemons[bm], clip_l.name, n, duration, seed=rnd * 10000 + bm * 100 + n)
+                    rates.setdefault((bm, n), []).append(rate)
+                    errors += ["batch-max %d, %d clients: %s" % (bm, n, e) for e in errs[:3]]
+        for bm, d in daemons.items():
             st = d.status()
             if st["requests"]["failed"] or st["requests"]["busy"]:
                 errors.append("batch-max %d: status counts %r" % (bm, st["requests"]))
-        finally:
+    finally:
+        for bm, d in daemons.items():
             rc = d.stop()
             d.close()
             if rc != 0:
                 errors.append("lunad --batch-max %d exited with %s" % (bm, rc))
-    return res, errors
+    return {k: bench.median(v) for k, v in rates.items()}, errors
 
 
 # ------------------------------------------------------------------ 3. memory
@@ -182,8 +190,8 @@ def proc_kib(pid, field, path="status"):
 
 
 def run_measured(cmds, env=None, sample=0.1):
-    """Start every command at once; while all of them run, sample each one's Pss
-    (smaps_rollup); reap each with wait4 for its peak RSS (ru_maxrss). Returns a list of
+    """Start every command at once; while all of them run, sample the Pss (smaps_rollup)
+    of each; reap each with wait4 for its peak RSS (ru_maxrss). Returns a list of
     {rc, peak_rss_kib, err} and the largest sum of Pss over samples taken while all
     were alive."""
     procs = [subprocess.Popen([str(x) for x in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
@@ -220,7 +228,6 @@ def bench_memory(luna, bdir, clip_l, clip_g, tok_x, n_clients, ref_procs):
     d = Lunad(models_dirs=[bdir]).start()
     try:
         with d.client() as c:
-            result["lunad_rss_start"] = c.status()["rss_bytes"]
             model = c.models("load", pair)["model"]
             result["weights_bytes"] = model["weights_bytes"]
         conns, total, errs = connect_and_encode_once(d, pair, n_clients)
@@ -234,7 +241,7 @@ def bench_memory(luna, bdir, clip_l, clip_g, tok_x, n_clients, ref_procs):
         result["lunad_private_kib"] = sum(proc_kib(d.pid, k, "smaps_rollup") or 0
                                           for k in ("Private_Clean", "Private_Dirty"))
         result["lunad_conns"] = st["connections"]
-        result["lunad_served"] = st["requests"]["served"]
+        result["lunad_encoded"] = total
         for c in conns:
             c.close()
     finally:
@@ -309,10 +316,10 @@ def connect_and_encode_once(d, model, n_clients):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="lunad latency, throughput and memory, full size")
-    ap.add_argument("--rounds", type=int, default=3, help="latency: interleaved rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="latency and throughput: interleaved rounds (default 3)")
     ap.add_argument("--runs", type=int, default=20, help="latency: encodes per round and side (default 20)")
-    ap.add_argument("--duration", type=float, default=10.0,
-                    help="throughput: seconds per configuration (default 10)")
+    ap.add_argument("--duration", type=float, default=5.0,
+                    help="throughput: seconds per cell and round (default 5)")
     ap.add_argument("--ref-procs", type=int, default=2,
                     help="memory: PyTorch reference processes to measure, one at a time (default 2); "
                          "the 8-process sum is 8 x their median peak")
@@ -328,7 +335,7 @@ def main(argv=None):
 
     print()
     print("# lunad: latency, throughput, memory (full-size CLIP-L 12x768 and CLIP-G 32x1280, F16, "
-          "one 77-token chunk; %d CPUs)" % os.cpu_count())
+          "one 77-token chunk; %d CPUs, load average %.2f at the start)" % (os.cpu_count(), os.getloadavg()[0]))
 
     if "latency" not in skip:
         lm, dm, errs = bench_latency(luna, bdir, clip_l, tok_l, a.rounds, a.runs)
@@ -348,26 +355,25 @@ def main(argv=None):
         print("Both run the same model, tokens and thread count (one compute thread per CPU).")
 
     if "throughput" not in skip:
-        res, errs = bench_throughput(bdir, clip_l, a.duration)
+        res, errs = bench_throughput(bdir, clip_l, a.duration, a.rounds)
         errors += errs
         print()
-        print("## Throughput on CLIP-L, requests/s (distinct prompts, cache off, %.0f s per cell; "
-              "clients are threads with one connection each, on the same machine)" % a.duration)
+        print("## Throughput on CLIP-L, requests/s (median of %d interleaved rounds of %.0f s per cell; distinct "
+              "prompts, cache off; clients are threads with one connection each, on the same machine)"
+              % (a.rounds, a.duration))
         print()
         print("| clients | --batch-max 8 (default) | vs 1 client | --batch-max 1 (no batching) | vs 1 client | "
               "batching gain |")
         print("|---|---|---|---|---|---|")
         for n in (1, 8, 32):
-            r8, r1 = res.get((8, n), (None, 0))[0], res.get((1, n), (None, 0))[0]
-            b8, b1 = res.get((8, 1), (None, 0))[0], res.get((1, 1), (None, 0))[0]
+            r8, r1, b8, b1 = res.get((8, n)), res.get((1, n)), res.get((8, 1)), res.get((1, 1))
             print("| %d | %s | %s | %s | %s | %s |" % (
                 n, fmt(r8, "%.2f"), "%.2fx" % (r8 / b8) if r8 and b8 else "—",
                 fmt(r1, "%.2f"), "%.2fx" % (r1 / b1) if r1 and b1 else "—",
                 "%.2fx" % (r8 / r1) if r8 and r1 else "—"))
         print()
         print("Targets: no fall as clients are added; with batching, 8 clients >= 1.2x the 1-client rate "
-              "(here %s)." % ("%.2fx" % (res[(8, 8)][0] / res[(8, 1)][0])
-                             if res.get((8, 8)) and res.get((8, 1)) and res[(8, 1)][0] else "—"))
+              "(here %s)." % ("%.2fx" % (res[(8, 8)] / res[(8, 1)]) if res.get((8, 8)) and res.get((8, 1)) else "—"))
 
     if "memory" not in skip:
         m, errs = bench_memory(luna, bdir, clip_l, clip_g, tok_x, 8, a.ref_procs)
@@ -380,8 +386,9 @@ def main(argv=None):
         print("|---|---|---|")
         wb = m.get("weights_bytes")
         print("| weights (fp16, as loaded by lunad) | `weights_bytes` of the model | %s |" % fmt(wb / MIB if wb else None))
-        print("| **one lunad, %d clients** | `status` rss_bytes after all %d encoded (%d served) | **%s** |"
-              % (n, n, m.get("lunad_served", 0), fmt(m["lunad_rss"] / MIB if m.get("lunad_rss") else None)))
+        print("| **one lunad, %d clients** | `status` rss_bytes after %d encoded, with %d connections open | **%s** |"
+              % (n, m.get("lunad_encoded", 0), m.get("lunad_conns", 0),
+                 fmt(m["lunad_rss"] / MIB if m.get("lunad_rss") else None)))
         print("| one lunad, %d clients | its Pss / private pages (smaps_rollup), just after | %s / %s |"
               % (n, fmt(m["lunad_pss_kib"] / 1024 if m.get("lunad_pss_kib") else None),
                  fmt(m["lunad_private_kib"] / 1024 if m.get("lunad_private_kib") is not None else None)))
@@ -395,6 +402,8 @@ def main(argv=None):
               "| %s |" % (m["ref_measured"], fmt(rp / 1024 if rp else None)))
         print("| **%d PyTorch reference processes** | %d x that peak (each holds private copies) | **%s** |"
               % (n, n, fmt(n * rp / 1024 if rp else None)))
+        print("| %d ComfyUI-like processes (derived) | %d x the fp16 weights: private copies, a lower bound | %s |"
+              % (n, n, fmt(n * wb / MIB if wb else None)))
         print()
         print("luna maps F16 files read-only and uses the weights in place, so %d `luna --local` processes share "
               "one copy in the page cache: their RSS sum counts it %d times, their Pss sum once. That is not "

@@ -209,6 +209,7 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
   model *m = NULL;
   int rc = registry_acquire(cJSON_GetObjectItemCaseSensitive(jobs[0]->msg, "model"), &m, err);
   te_family fam = rc ? TE_SD1 : te_set_family(model_set(m));
+  if (!rc) registry_count_requests(m, n);
   int n_ok = 0;
   for (int i = 0; i < n; i++) {
     job *j = rq[i].j = jobs[i];

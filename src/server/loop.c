@@ -22,7 +22,7 @@
 /* Buffers above this size are released once empty. */
 #define CONN_KEEP_BYTES 65536u
 /* Reading pauses while this many reply bytes wait for a client that does not read. */
-#define WRITE_HIGH_WATER (256u << 20)
+#define WRITE_HIGH_WATER (16u << 20)
 
 typedef struct conn {
   int fd;

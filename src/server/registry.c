@@ -96,8 +96,13 @@ static int resolve(const char *rel, char **out, struct stat *sb, char *err) {
     if ((size_t)snprintf(joined, sizeof joined, "%s/%s", reg.dirs[i], rel) >= sizeof joined) continue;
     char *r = realpath(joined, NULL);
     if (!r) continue;
-    size_t dl = strlen(reg.dirs[i]);
-    if (strncmp(r, reg.dirs[i], dl) || r[dl] != '/') {
+    /* a symlink may lead into any models folder, but never out of them all */
+    int inside = 0;
+    for (int k = 0; k < reg.n_dirs && !inside; k++) {
+      size_t dl = strlen(reg.dirs[k]);
+      inside = !strncmp(r, reg.dirs[k], dl) && r[dl] == '/';
+    }
+    if (!inside) {
       free(r);
       return luna_fail(err, LUNA_EACCES, "model path '%s' resolves outside the models folders", rel);
     }
@@ -234,7 +239,6 @@ int registry_acquire(const cJSON *spec, model **out, char *err) {
       enforce_budget(&freed); /* the last waiter lets the failed entry go */
     } else {
       m->last_used_ms = srv_now_ms();
-      m->requests++;
       *out = m;
     }
     pthread_mutex_unlock(&reg.mu);
@@ -293,7 +297,6 @@ int registry_acquire(const cJSON *spec, model **out, char *err) {
     m->set = set;
     m->state = M_READY;
     m->last_used_ms = srv_now_ms();
-    m->requests++;
     *out = m;
     enforce_budget(&freed);
   }
@@ -321,6 +324,12 @@ void registry_release(model *m) {
 const te_set *model_set(const model *m) { return m->set; }
 const char *model_id(const model *m) { return m->id; }
 const char *model_key(const model *m) { return m->key; }
+
+void registry_count_requests(model *m, int n) {
+  pthread_mutex_lock(&reg.mu);
+  m->requests += (uint64_t)n;
+  pthread_mutex_unlock(&reg.mu);
+}
 
 int registry_unload(const cJSON *spec, char *err) {
   char *paths[MAX_FILES] = {0}, *key = NULL, *id = NULL;

@@ -131,6 +131,7 @@ void registry_release(model *m);
 const te_set *model_set(const model *m);
 const char *model_id(const model *m);
 const char *model_key(const model *m);  /* identity: resolved paths, sizes, mtimes */
+void registry_count_requests(model *m, int n); /* for status: encodes served by 'm' */
 /* registry_unload drops the model named by 'spec' once idle. */
 int registry_unload(const cJSON *spec, char *err);
 /* JSON array of the models (for health, status and models list); 'ready' gets 0 when

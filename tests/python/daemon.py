@@ -17,6 +17,7 @@ repository). Under a sanitizer build (a LUNA_BUILD with "san" in it) everything 
 about three times slower: SLOW scales the time limits and the test sizes.
 """
 
+import ctypes
 import os
 import secrets
 import shutil
@@ -60,6 +61,15 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent():
+    """In the child before exec: SIGTERM it when the test process dies, so that a
+    killed pytest run leaves no lunad behind (Linux; best effort)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 -- nothing to do about it in a forked child
+        pass
 
 
 class LunadError(Exception):
@@ -134,7 +144,8 @@ class Lunad:
             raise LunadError("this lunad was started already")
         self._logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=self._logf,
-                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                                     preexec_fn=_die_with_parent)
         return self
 
     def start(self, timeout=None, ready=False):
