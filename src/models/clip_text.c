@@ -412,7 +412,7 @@ int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, in
       return luna_fail(err, LUNA_ETOKENS, "token id %d at sequence %lld position %lld is outside [0, %d)",
                        ids[i], (long long)(i / T), (long long)(i % T), CLIP_VOCAB);
   size_t need = (size_t)M * (size_t)(6 * D + F);
-  float *buf = malloc(need * sizeof(float));
+  float *buf = ops_pool_workspace(pool, need);
   if (!buf) return luna_fail(err, LUNA_ENOMEM, "out of memory for %lld activations", (long long)need);
   float *x = buf, *h = x + M * D, *q = h + M * D, *k = q + M * D, *v = k + M * D, *a = v + M * D,
         *mlp = a + M * D;
@@ -461,7 +461,6 @@ int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, in
       for (int b = 0; b < B; b++) ops_linear(pool, h + (int64_t)b * D, 1, &m->proj, NULL, pooled + (int64_t)b * hp->d_proj);
     else memcpy(pooled, h, (size_t)(B * D) * sizeof(float));
   }
-  free(buf);
   return 0;
 }
 

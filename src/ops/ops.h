@@ -28,6 +28,11 @@ ops_pool *ops_pool_create(int n_threads, size_t scratch_floats);
 void ops_pool_free(ops_pool *p);
 int ops_pool_size(const ops_pool *p);
 
+/* ops_pool_workspace returns the pool owner's activation workspace of at least 'floats'
+** floats, valid until the next call. It grows when needed and never shrinks, so in a
+** steady state no compute step allocates. NULL when out of memory. */
+float *ops_pool_workspace(ops_pool *p, size_t floats);
+
 /* ops_pool_run calls fn(arg, task, worker, scratch) for task = 0..n_tasks-1 across the
 ** workers and returns when all are done. 'scratch' is the worker's reserved block. */
 typedef void (*ops_task_fn)(void *arg, int task, int worker, float *scratch);

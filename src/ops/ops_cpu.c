@@ -37,6 +37,8 @@ struct ops_pool {
   int n_tasks;
   atomic_int next_task;
   int active;                /* workers still inside the current job */
+  float *ws;                 /* the owner's activation workspace (grow-only) */
+  size_t ws_floats;
 };
 
 typedef struct {
@@ -121,6 +123,7 @@ void ops_pool_free(ops_pool *p) {
   pthread_mutex_unlock(&p->mu);
   for (int i = 1; i < p->n; i++) pthread_join(p->threads[i], NULL);
   for (int i = 0; i < p->n; i++) free(p->scratch[i]);
+  free(p->ws);
   pthread_mutex_destroy(&p->mu);
   pthread_cond_destroy(&p->work_cv);
   pthread_cond_destroy(&p->done_cv);
@@ -130,6 +133,17 @@ void ops_pool_free(ops_pool *p) {
 }
 
 int ops_pool_size(const ops_pool *p) { return p->n; }
+
+float *ops_pool_workspace(ops_pool *p, size_t floats) {
+  if (floats <= p->ws_floats) return p->ws;
+  size_t want = floats + floats / 4; /* some headroom against small growth steps */
+  float *n = aligned_alloc(64, (want * sizeof(float) + 63) / 64 * 64);
+  if (!n) return NULL;
+  free(p->ws);
+  p->ws = n;
+  p->ws_floats = want;
+  return n;
+}
 
 void ops_pool_run(ops_pool *p, int n_tasks, ops_task_fn fn, void *arg) {
   if (n_tasks <= 0) return;
