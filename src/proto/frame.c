@@ -53,6 +53,31 @@ void frame_write_header(uint8_t out[LUNA_FRAME_HEADER], const frame_header *h) {
   put_le(out + 24, h->bin_len, 8);
 }
 
+static int cmp_key(const void *a, const void *b) {
+  return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* The first key that appears twice in object 'o', or NULL (sorted: n log n, whatever a
+** client sends). */
+static const char *duplicate_key(const cJSON *o, int *oom) {
+  size_t n = 0;
+  for (const cJSON *e = o->child; e; e = e->next) n++;
+  if (n < 2) return NULL;
+  const char **keys = malloc(n * sizeof *keys);
+  if (!keys) {
+    *oom = 1;
+    return NULL;
+  }
+  size_t i = 0;
+  for (const cJSON *e = o->child; e; e = e->next) keys[i++] = e->string;
+  qsort(keys, n, sizeof *keys, cmp_key);
+  const char *dup = NULL;
+  for (i = 1; i < n && !dup; i++)
+    if (!strcmp(keys[i], keys[i - 1])) dup = keys[i];
+  free(keys);
+  return dup;
+}
+
 int frame_parse_json(const uint8_t *json, size_t len, cJSON **out, char *err) {
   *out = NULL;
   if (len == 0) return luna_fail(err, LUNA_EJSON, "JSON part is empty (send {} for no fields)");
@@ -72,6 +97,21 @@ int frame_parse_json(const uint8_t *json, size_t len, cJSON **out, char *err) {
   if (!cJSON_IsObject(v)) {
     cJSON_Delete(v);
     return luna_fail(err, LUNA_EJSON, "JSON part is not an object");
+  }
+  /* a repeated key would mean one thing to one reader and another to the next */
+  const cJSON *ts = cJSON_GetObjectItemCaseSensitive(v, "tensors");
+  int oom = 0;
+  const char *dup = duplicate_key(v, &oom);
+  const char *where = "";
+  if (!dup && !oom && cJSON_IsObject(ts)) {
+    dup = duplicate_key(ts, &oom);
+    where = "\"tensors\" ";
+  }
+  if (dup || oom) {
+    int rc = oom ? luna_fail(err, LUNA_ENOMEM, "out of memory checking the JSON part")
+                 : luna_fail(err, LUNA_EJSON, "JSON part: %skey '%.64s' appears more than once", where, dup);
+    cJSON_Delete(v);
+    return rc;
   }
   *out = v;
   return 0;
@@ -105,7 +145,7 @@ int frame_build(uint16_t type, uint32_t flags, uint64_t request_id, const cJSON 
   if (!m) return luna_fail(err, LUNA_ENOMEM, "out of memory building a frame");
   uint64_t off = 0;
   if (n_tensors) {
-    cJSON_DeleteItemFromObjectCaseSensitive(m, "tensors");
+    while (cJSON_GetObjectItemCaseSensitive(m, "tensors")) cJSON_DeleteItemFromObjectCaseSensitive(m, "tensors");
     cJSON *ts = cJSON_AddObjectToObject(m, "tensors");
     for (size_t i = 0; ts && i < n_tensors; i++) {
       const frame_out_tensor *t = &tensors[i];

@@ -51,14 +51,8 @@ typedef struct frame_tensor {
 int frame_get_tensor(const cJSON *msg, const char *name, const uint8_t *bin, uint64_t bin_len,
                      frame_tensor *out, char *err);
 
-/* A tensor to put in a frame. */
-typedef struct frame_out_tensor {
-  const char *name;
-  st_dtype dtype;
-  int n_dims;
-  int64_t shape[ST_MAX_DIMS];
-  const void *data;
-} frame_out_tensor;
+/* A tensor to put in a frame: described exactly like one written to a safetensors file. */
+typedef st_wtensor frame_out_tensor;
 
 /* frame_build serialises a whole frame: header, 'msg' (NULL: "{}") with a "tensors"
 ** description added for 'tensors', then their bytes. '*out' is malloc'd (caller frees)

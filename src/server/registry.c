@@ -182,6 +182,12 @@ static int spec_identity(const cJSON *spec, char *paths[MAX_FILES], int *n, char
   return rc;
 }
 
+static void identity_free(char *paths[MAX_FILES], int n, char *key, char *id) {
+  for (int i = 0; i < n; i++) free(paths[i]);
+  free(key);
+  free(id);
+}
+
 /* Unload idle models, least recently used first, while over the budget. Called with
 ** reg.mu held; the models are freed after it is released ('*freed' list). */
 static void enforce_budget(model **freed) {
@@ -243,17 +249,13 @@ int registry_acquire(const cJSON *spec, model **out, char *err) {
     }
     pthread_mutex_unlock(&reg.mu);
     free_list(freed);
-    for (int i = 0; i < n; i++) free(paths[i]);
-    free(key);
-    free(id);
+    identity_free(paths, n, key, id);
     return rc;
   }
   m = calloc(1, sizeof *m);
   if (!m) {
     pthread_mutex_unlock(&reg.mu);
-    for (int i = 0; i < n; i++) free(paths[i]);
-    free(key);
-    free(id);
+    identity_free(paths, n, key, id);
     return luna_fail(err, LUNA_ENOMEM, "out of memory");
   }
   m->key = key;
@@ -348,9 +350,7 @@ int registry_unload(const cJSON *spec, char *err) {
   }
   pthread_mutex_unlock(&reg.mu);
   free_list(freed);
-  for (int i = 0; i < n; i++) free(paths[i]);
-  free(key);
-  free(id);
+  identity_free(paths, n, key, id);
   return rc;
 }
 

@@ -138,6 +138,10 @@ static void test_json_part(void **state) {
   expect_json("{\"a\": \"\xc0\xaf\"}", 0, LUNA_EJSON, "UTF-8");     /* overlong */
   expect_json("{\"a\": 1}\0", 9, LUNA_EJSON, "NUL");
   expect_json("{\"a\": NaN}", 0, LUNA_EJSON, NULL);
+  /* repeated keys: readers would disagree on which one counts */
+  expect_json("{\"a\": 1, \"b\": 2, \"a\": 3}", 0, LUNA_EJSON, "'a' appears more than once");
+  expect_json("{\"tensors\": {\"x\": {}, \"x\": {}}}", 0, LUNA_EJSON, "\"tensors\" key 'x'");
+  expect_json("{\"tensors\": {}, \"c\": 1, \"tensors\": {}}", 0, LUNA_EJSON, "'tensors' appears");
 }
 
 /* Build a frame with two tensors, then take it apart as the daemon does. */
