@@ -371,6 +371,31 @@ def test_pipelining_one_connection(start_lunad):
         assert c.ping() >= 0
 
 
+def test_sdxl_batches_mixing_weighted_and_plain_are_bit_exact(start_lunad, daemon_models):
+    """Pipelined SDXL encodes, every third weighted (so the batch holds empty sequences
+    and rows of several requests): each result equals the local encode bit for bit,
+    pooled included (a GEMM over the whole batch once changed pooled's last bits)."""
+    d = start_lunad("--workers", "1", "--batch-max", "8")
+    pair = ["clip_l.safetensors", "clip_g.safetensors"]
+    toks = [tokens_for([12 + 3 * k], WEIGHTS if k % 3 == 0 else None, seed=300 + k, sdxl=True) for k in range(6)]
+    want = [local_encode([daemon_models / p for p in pair], t) for t in toks]
+    with d.client() as c:
+        c.models("load", pair)
+        sent = {}
+        for rep in range(2):
+            for k, t in enumerate(toks):
+                sent[c.send(proto.MSG_ENCODE, c.encode_request(pair, tokens=t, cache=False))] = k
+        batches = []
+        for _ in range(len(sent)):
+            rid, flags, msg, tensors = c.recv()
+            assert not flags & proto.FLAG_ERROR, msg
+            batches.append(msg.get("batch", 1))
+            cond, pooled, _ = split_encode_reply(msg, tensors)
+            w = want[sent[rid]]
+            assert enc_bytes(cond, pooled) == (w["cond"][2], w["pooled"][2]), "request %d differs" % rid
+        assert max(batches) > 1, "no request was batched: the test did not test batching"
+
+
 # =====================================================================================
 # 3. robustness
 # =====================================================================================
