@@ -130,7 +130,10 @@ static int connect_target(const cmd_target *t, const char *cmd, luna_client **ou
 
 /* Parse the options of a command whose only option is --help (plus 'extra' flags given
 ** as a long option, stored in '*flag'). Returns -1 to go on, else the exit status. */
-static int simple_opts(int argc, char **argv, const char *cmd, void (*usage)(FILE *), const char *extra, int *flag) {
+/* Parse --help and the optional flag 'extra'. Returns -1 to go on, or the exit status.
+** With 'no_args' set, any argument left over is a usage error. */
+static int simple_opts(int argc, char **argv, const char *cmd, void (*usage)(FILE *), const char *extra, int *flag,
+                       int no_args) {
   struct option opts[3] = {{"help", no_argument, 0, 'h'}, {0, 0, 0, 0}, {0, 0, 0, 0}};
   if (extra) opts[1] = (struct option){extra, no_argument, 0, 'x'};
   optind = 1;
@@ -145,6 +148,10 @@ static int simple_opts(int argc, char **argv, const char *cmd, void (*usage)(FIL
       usage(stderr);
       return 2;
     }
+  }
+  if (no_args && optind < argc) {
+    fprintf(stderr, "luna %s: unexpected argument '%s'\n", cmd, argv[optind]);
+    return 2;
   }
   return -1;
 }
@@ -198,12 +205,8 @@ static void ping_usage(FILE *f) {
 }
 
 int cmd_ping(const cmd_target *t, int argc, char **argv) {
-  int flag = 0, rc = simple_opts(argc, argv, "ping", ping_usage, NULL, &flag);
+  int flag = 0, rc = simple_opts(argc, argv, "ping", ping_usage, NULL, &flag, 1);
   if (rc >= 0) return rc;
-  if (optind < argc) {
-    fprintf(stderr, "luna ping: unexpected argument '%s'\n", argv[optind]);
-    return 2;
-  }
   luna_client *c;
   if ((rc = connect_target(t, "ping", &c))) return rc;
   double t0 = cmd_now_ms();
@@ -230,12 +233,8 @@ static void health_usage(FILE *f) {
 }
 
 int cmd_health(const cmd_target *t, int argc, char **argv) {
-  int ready = 0, rc = simple_opts(argc, argv, "health", health_usage, "ready", &ready);
+  int ready = 0, rc = simple_opts(argc, argv, "health", health_usage, "ready", &ready, 1);
   if (rc >= 0) return rc;
-  if (optind < argc) {
-    fprintf(stderr, "luna health: unexpected argument '%s'\n", argv[optind]);
-    return 2;
-  }
   return call_and_print(t, "health", LUNA_MSG_HEALTH, NULL, ready);
 }
 
@@ -251,12 +250,8 @@ static void status_usage(FILE *f) {
 }
 
 int cmd_status(const cmd_target *t, int argc, char **argv) {
-  int flag = 0, rc = simple_opts(argc, argv, "status", status_usage, NULL, &flag);
+  int flag = 0, rc = simple_opts(argc, argv, "status", status_usage, NULL, &flag, 1);
   if (rc >= 0) return rc;
-  if (optind < argc) {
-    fprintf(stderr, "luna status: unexpected argument '%s'\n", argv[optind]);
-    return 2;
-  }
   return call_and_print(t, "status", LUNA_MSG_STATUS, NULL, 0);
 }
 
@@ -281,7 +276,7 @@ static void models_usage(FILE *f) {
 }
 
 int cmd_models(const cmd_target *t, int argc, char **argv) {
-  int flag = 0, rc = simple_opts(argc, argv, "models", models_usage, NULL, &flag);
+  int flag = 0, rc = simple_opts(argc, argv, "models", models_usage, NULL, &flag, 0);
   if (rc >= 0) return rc;
   const char *action = optind < argc ? argv[optind++] : "list";
   int n = argc - optind;
