@@ -24,9 +24,9 @@ ARCH    ?= -march=x86-64-v3
 CFLAGS  := -std=c11 $(OPT) -g $(ARCH) -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
            -D_GNU_SOURCE -pthread -Iinclude -Isrc -I/usr/include/cjson -MMD -MP $(SANFLAGS)
 LDFLAGS := -pthread $(SANFLAGS)
-LIBS    := -lopenblas -lcjson -lutf8proc -lm
+LIBS    := -lopenblas -lcjson -lutf8proc -lz -lnettle -lm
 
-LIB_SRC := $(sort $(wildcard src/core/*.c src/ops/*.c src/models/*.c src/text/*.c src/proto/*.c))
+LIB_SRC := $(sort $(wildcard src/core/*.c src/ops/*.c src/models/*.c src/text/*.c src/proto/*.c src/lora/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 CLI_SRC := $(sort $(wildcard src/cli/*.c))
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
@@ -63,13 +63,16 @@ $(BUILD)/luna: $(CLI_OBJ) $(BUILD)/libluna-internal.a
 # only LUNA_API symbols are exported: the .so by the linker; the .a holds one object
 # made with 'ld -r' whose hidden symbols 'objcopy --localize-hidden' turned local, so
 # the internal names (st_*, frame_*, ...) cannot clash with a program's own.
+# The LoRA identity needs nettle's SHA-256 (LGPL): the .so links libnettle.so; a
+# static build links it too (-lcjson -lnettle -lm), so it can be replaced as the LGPL asks.
 # The CLI reaches the client through libluna-internal.a, which gets the client too.
 CLIENT_SRC  := $(sort $(wildcard src/client/*.c))
 CLIENT_OBJ  := $(CLIENT_SRC:%.c=$(BUILD)/obj/%.o)
 LUNALIB_SRC := $(CLIENT_SRC) $(sort $(wildcard src/proto/*.c)) \
-               src/core/status.c src/core/utf8.c src/core/safetensors.c src/core/fp16.c
+               src/core/status.c src/core/utf8.c src/core/safetensors.c src/core/fp16.c \
+               src/lora/lora_id.c
 LUNALIB_PIC := $(LUNALIB_SRC:%.c=$(BUILD)/pic/%.o)
-LUNALIB_LIBS := -lcjson -lm
+LUNALIB_LIBS := -lcjson -lnettle -lm
 
 all: $(BUILD)/libluna.a $(BUILD)/libluna.so
 
@@ -139,7 +142,9 @@ bench: deps
 
 FUZZ_SRC := $(sort $(wildcard fuzz/fuzz-*.c))
 FUZZ_BIN := $(FUZZ_SRC:fuzz/%.c=build/fuzz/%)
-FUZZ_LIB := $(sort $(wildcard src/core/*.c src/text/*.c src/proto/*.c))
+# lora_plan.c needs the models: the fuzz targets take only the file parser and its math
+FUZZ_LIB := $(sort $(wildcard src/core/*.c src/text/*.c src/proto/*.c) \
+              src/lora/lora_file.c src/lora/lora_id.c src/lora/lora_math.c)
 build/fuzz/%: fuzz/%.c $(FUZZ_LIB)
 	@mkdir -p $(dir $@)
 	clang -std=c11 -O1 -g $(ARCH) -D_GNU_SOURCE -Iinclude -Isrc -I/usr/include/cjson \

@@ -46,7 +46,8 @@ extern "C" {
   XX(EACCES,    -21, "path outside the models folders")                       \
   XX(ESHUTDOWN, -22, "server shutting down")                                  \
   XX(ECONN,     -23, "connection failed or closed")                           \
-  XX(EUNKNOWN,  -24, "unknown message type")
+  XX(EUNKNOWN,  -24, "unknown message type")                                  \
+  XX(ENOLORA,   -25, "LoRA not in the daemon's cache: upload it")
 
 enum luna_status {
 #define LUNA_XX_(name, code, text) LUNA_##name = (code),
@@ -65,7 +66,7 @@ LUNA_API const char *luna_status_name(int status);
 
 /*
 ** ---------------------------------------------------------------------------------
-** The client library: libluna.a / libluna.so (link a static build with -lcjson -lm).
+** The client library: libluna.a / libluna.so (link a static build with -lcjson -lnettle -lm).
 **
 ** A luna_client is one connection to lunad, over its Unix socket or over TCP. Every
 ** call blocks until the daemon's reply has arrived (or the connection fails) and
@@ -121,13 +122,33 @@ LUNA_API int luna_client_ping(luna_client *c);
 
 /*
 ** luna_client_call_json sends one request of message type 'type' (LUNA_MSG_* in
-** luna_proto.h: health, status, models, ...) whose JSON part is 'json' (a JSON object;
+** luna_proto.h: health, status, models, the LoRA cache's list, evict, pin and unpin,
+** ...) whose JSON part is 'json' (a JSON object;
 ** NULL sends {}), and waits for the reply. On success, when 'reply_json' is not NULL,
 ** '*reply_json' receives the reply's JSON part as a NUL-terminated string that the
 ** caller frees with luna_free (a binary part, if any, is discarded; use
 ** luna_client_encode for encodes). On failure '*reply_json' is NULL.
 */
 LUNA_API int luna_client_call_json(luna_client *c, int type, const char *json, char **reply_json);
+
+/*
+** One entry of a LoRA stack (docs/PROTOCOL.md, "7 lora"), applied to the text encoders
+** as ComfyUI's LoraLoader applies strength_clip:
+**   path         a LoRA file (safetensors) on this side. The client reads it to compute
+**                its identity (SHA-256 over its text-encoder tensors, luna_lora_identity)
+**                and uploads its text-encoder tensors when lunad does not have them yet
+**   strength     any finite number (0, negative and above 1 allowed)
+**   daemon_path  optional (NULL: none): the same file's name relative to lunad's
+**                --loras-dir, which lunad tries before asking for an upload
+*/
+typedef struct luna_lora {
+  const char *path;
+  double strength;
+  const char *daemon_path;
+} luna_lora;
+
+/* The most entries a LoRA stack may have. */
+#define LUNA_MAX_LORAS 16
 
 /*
 ** An encode request (docs/PROTOCOL.md, "6 encode"). Zero-initialise it and fill in:
@@ -140,6 +161,8 @@ LUNA_API int luna_client_call_json(luna_client *c, int type, const char *json, c
 **   clip_layer   -N as CLIPSetLastLayer(-N); 0: the family's default
 **   deadline_ms  drop the request if its work has not started within this many ms; 0: none
 **   no_cache     nonzero: bypass the daemon's result cache
+**   loras        the LoRA stack, in the order the LoRAs apply, or NULL
+**   n_loras      how many (0 to LUNA_MAX_LORAS)
 */
 typedef struct luna_encode_args {
   const char *const *models;
@@ -149,6 +172,8 @@ typedef struct luna_encode_args {
   int clip_layer;
   int deadline_ms;
   int no_cache;
+  const luna_lora *loras;
+  int n_loras;
 } luna_encode_args;
 
 /*
@@ -156,6 +181,10 @@ typedef struct luna_encode_args {
 ** cond_shape[1] * cond_shape[2] floats ([1, 77 * chunks, D]), 'pooled' pooled_shape[0]
 ** * pooled_shape[1] ([1, Dp]), both row-major and owned by the result. 'family' is
 ** "sd1" or "sdxl"; 'cached' is nonzero when the daemon answered from its cache.
+** With a LoRA stack, 'lora_mode' is how lunad applied it ("lock", "functional" or
+** "merged"), 'lora_patched' the number of weight matrices it changed and
+** 'lora_unmapped' the number of its text-encoder keys that match nothing in this model
+** (CLIP-G keys on an SD1 model, say); without one they are "", 0 and 0.
 */
 typedef struct luna_encode_result {
   float *cond;
@@ -164,6 +193,9 @@ typedef struct luna_encode_result {
   int64_t pooled_shape[2];
   char family[8];
   int cached;
+  char lora_mode[16];
+  int lora_patched;
+  int lora_unmapped;
 } luna_encode_result;
 
 /*
@@ -171,11 +203,38 @@ typedef struct luna_encode_result {
 ** 'r', which it overwrites without freeing (free a previous result first). On failure
 ** 'r' is left empty (NULL pointers) and luna_encode_result_free on it is harmless.
 ** The values equal `luna encode --local` on the same files, bit for bit.
+**
+** With a LoRA stack the request names each LoRA by its identity, computed once per
+** file (the handle remembers it for the same path, size and modification time). When
+** lunad answers LUNA_ENOLORA it lists the identities it lacks; the client uploads
+** those files (as luna_client_lora_upload) and sends the request again, at most 3
+** times, then returns the last error. A file that cannot be read fails with
+** LUNA_EIO, LUNA_EFORMAT, ... naming it.
 */
 LUNA_API int luna_client_encode(luna_client *c, const luna_encode_args *a, luna_encode_result *r);
 
 /* luna_encode_result_free frees the result's buffers and empties it; NULL is a no-op. */
 LUNA_API void luna_encode_result_free(luna_encode_result *r);
+
+/*
+** luna_lora_identity computes the identity of the LoRA file at 'path' as lunad does:
+** the SHA-256 over its text-encoder tensors only (names, dtypes, shapes and bytes, in
+** name order), written into 'id_hex' as 64 lowercase hex digits and a NUL. File name,
+** metadata, tensor order and UNet tensors do not change it. Returns 0, or a negative
+** status (LUNA_EIO: cannot read it, LUNA_EFORMAT: not a valid safetensors file, ...)
+** with 'id_hex' set to "".
+*/
+LUNA_API int luna_lora_identity(const char *path, char id_hex[65]);
+
+/*
+** luna_client_lora_upload sends the text-encoder tensors of the LoRA file at 'path'
+** to lunad's LoRA cache (a LORA "upload" whose binary part is a safetensors image of
+** those tensors alone) and, on success, writes its identity into 'id_hex' (which may
+** be NULL). lunad checks the tensors and the identity; what it refuses comes back as
+** its status (LUNA_EINVAL, LUNA_EDTYPE, LUNA_ETOOBIG for a file over its --max-frame,
+** ...). Uploading a LoRA that lunad already has is harmless.
+*/
+LUNA_API int luna_client_lora_upload(luna_client *c, const char *path, char id_hex[65]);
 
 /* luna_free frees memory that this library returned (luna_client_call_json's reply). */
 LUNA_API void luna_free(void *p);

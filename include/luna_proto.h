@@ -40,6 +40,7 @@
 #define LUNA_MSG_STATUS 4  /* counters, memory, queue, models */
 #define LUNA_MSG_MODELS 5  /* list, load, unload */
 #define LUNA_MSG_ENCODE 6  /* text encoders: tokens or text in, cond and pooled out */
+#define LUNA_MSG_LORA 7    /* LoRA cache: upload, list, evict, pin, unpin */
 
 /* Flags. */
 #define LUNA_FLAG_REPLY 0x1u /* set on every frame the daemon sends */

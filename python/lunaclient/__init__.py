@@ -11,11 +11,16 @@ protocol (docs/PROTOCOL.md) with nothing but the standard library and numpy:
 Failures raise LunaError(code, name, message), code being a luna status number
 (include/luna.h); lunad's own errors keep its code and message.
 
+LoRAs: c.encode(..., loras=[("style.safetensors", 0.8)]) applies a LoRA stack to the
+text encoders, uploading files lunad lacks; lora_identity(path) is a file's identity as
+lunad computes it, extract_te(path) the image an upload sends.
+
 A Client is one connection; use it from one thread at a time (or guard it with a
 lock). Different clients are independent.
 """
 
 from .client import Client, default_socket
+from .lora import Lora, extract_te, lora_identity
 from .proto import LunaError
 
-__all__ = ["Client", "LunaError", "default_socket"]
+__all__ = ["Client", "Lora", "LunaError", "default_socket", "extract_te", "lora_identity"]

@@ -4,26 +4,35 @@
         c.ping()
         cond, pooled, info = c.encode("sd15.safetensors", tokens={"l": [...]})
 
-The simple calls (ping, health, status, models, encode) send one request and wait for
-its reply, raising LunaError when lunad reports an error. For many requests in flight
+The simple calls (ping, health, status, models, encode, lora_*) send one request and
+wait for its reply, raising LunaError when lunad reports an error. For many requests in flight
 on one connection, use send() and recv(): lunad answers each request exactly once, in
 any order, and recv() returns replies as they come, errors included (the ERROR flag
 is set in 'flags' and 'msg' holds {"code", "name", "message"}).
 
 A Client is not thread-safe: use it from one thread at a time. After a failure of the
 connection itself (LunaError ECONN or a broken frame) the client is closed.
+
+LoRA stacks: encode(..., loras=[("style.safetensors", 0.8), ...]) names each LoRA by its
+identity (lora.lora_identity, remembered per file while its size and mtime stay), and
+when lunad answers ENOLORA uploads the files it lacks and asks again (at most
+LORA_ROUNDS times), as the C library does.
 """
 
 import collections
 import json
+import math
 import os
 import socket
 import time
 
+from . import lora as _lora
 from . import proto
 from .proto import LunaError
 
 CLIENT_NAME = "lunaclient"
+LORA_ROUNDS = 3     # upload-and-retry rounds of an encode whose LoRAs lunad lacks
+MAX_LORAS = 16      # entries of a LoRA stack (LUNA_MAX_LORAS)
 
 
 def default_socket():
@@ -47,6 +56,41 @@ def _model_spec(model):
     return models[0] if len(models) == 1 else models
 
 
+def _lora_entry(i, e):
+    """(path, strength, daemon_path) from a (path, strength[, daemon_path]) tuple, a dict,
+    or an object with .path, .strength and optionally .daemon_path."""
+    if isinstance(e, dict):
+        path, strength, dpath = e.get("path"), e.get("strength"), e.get("daemon_path")
+    elif isinstance(e, (tuple, list)):
+        if len(e) not in (2, 3):
+            raise LunaError(proto.EINVAL, message="loras[%d]: want (path, strength[, daemon_path])" % i)
+        path, strength, dpath = e[0], e[1], (e[2] if len(e) == 3 else None)
+    else:
+        path, strength, dpath = getattr(e, "path", None), getattr(e, "strength", None), getattr(e, "daemon_path", None)
+    if not isinstance(path, (str, bytes, os.PathLike)) or not os.fspath(path):
+        raise LunaError(proto.EINVAL, message="loras[%d]: no file path" % i)
+    path = os.fsdecode(path)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise LunaError(proto.EINVAL, message="loras[%d] (%s): strength %r is not a finite number" % (i, path, strength))
+    if dpath is not None and (not isinstance(dpath, (str, os.PathLike)) or not os.fspath(dpath)):
+        raise LunaError(proto.EINVAL, message="loras[%d] (%s): daemon_path is empty (None for none)" % (i, path))
+    return path, float(strength), (os.fspath(dpath) if dpath is not None else None)
+
+
+def lora_stack(loras):
+    """The LoRA stack 'loras' (see Client.encode) as a list of (path, strength, daemon_path)."""
+    if loras is None:
+        return []
+    stack = [_lora_entry(i, e) for i, e in enumerate(loras)]
+    if len(stack) > MAX_LORAS:
+        raise LunaError(proto.EINVAL, message="a LoRA stack has at most %d entries, not %d" % (MAX_LORAS, len(stack)))
+    return stack
+
+
+def _stat_key(st):
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class Client:
     """A connection to lunad. Make one with Client.unix() or Client.tcp()."""
 
@@ -56,6 +100,7 @@ class Client:
         self.max_reply = max_reply
         self._next_id = 1
         self._stash = collections.OrderedDict()  # replies that call() read for others
+        self._lora_ids = {}  # path -> (stat key, identity)
 
     # ---- connecting -------------------------------------------------------------
 
@@ -120,16 +165,24 @@ class Client:
         self.close()
         return LunaError(code, message="%s: %s" % (self.peer, message))
 
-    def send(self, type, msg=None, tensors=None):
+    def send(self, type, msg=None, tensors=None, raw=None):
         """Send one request of message 'type' (proto.MSG_*) with the JSON object 'msg'
-        and optional tensors (dict name -> numpy array); return its request id."""
+        and optional tensors (dict name -> numpy array), or 'raw' bytes sent as the
+        binary part as they are (no "tensors" description); return its request id."""
         if self._sock is None:
             raise LunaError(proto.ECONN, message="%s: not connected" % self.peer)
+        if raw is not None and tensors:
+            raise LunaError(proto.EINVAL, message="send tensors or a raw binary part, not both")
         rid = self._next_id
         self._next_id += 1
-        frame = proto.encode_frame(type, 0, rid, msg, tensors)
+        if raw is None:
+            frame, rest = proto.encode_frame(type, 0, rid, msg, tensors), None
+        else:
+            frame, rest = proto.encode_frame_head(type, 0, rid, msg, len(raw)), raw
         try:
             self._sock.sendall(frame)
+            if rest:
+                self._sock.sendall(rest)
         except OSError as e:
             # lunad may have refused the frame (ETOOBIG) and closed: its error reply,
             # if it got that far, is still waiting to be read and says more than EPIPE.
@@ -192,10 +245,11 @@ class Client:
                 from None
         return h.request_id, h.flags, msg, tensors
 
-    def call(self, type, msg=None, tensors=None):
+    def call(self, type, msg=None, tensors=None, raw=None):
         """Send one request and wait for its reply: (msg, tensors). Raises LunaError
-        for an error reply. Replies to other requests in flight are kept for recv()."""
-        rid = self.send(type, msg, tensors)
+        for an error reply. Replies to other requests in flight are kept for recv().
+        'raw': bytes sent as the binary part as they are (see send)."""
+        rid = self.send(type, msg, tensors, raw)
         while True:
             if rid in self._stash:
                 r = self._stash.pop(rid)
@@ -240,8 +294,11 @@ class Client:
             msg["model"] = _model_spec(model)
         return self.call(proto.MSG_MODELS, msg)[0]
 
-    def encode_request(self, model, tokens=None, text=None, clip_layer=None, deadline_ms=None, cache=True):
-        """The JSON of an encode request (for send()); the arguments are encode()'s."""
+    def encode_request(self, model, tokens=None, text=None, clip_layer=None, deadline_ms=None, cache=True,
+                       loras=None):
+        """The JSON of an encode request (for send()); the arguments are encode()'s.
+        With 'loras', each file's identity is computed here (a LoRA lunad lacks then
+        comes back as ENOLORA; lora_upload() it and send again)."""
         if (tokens is None) == (text is None):
             raise LunaError(proto.EINVAL, message="give exactly one of tokens and text")
         msg = {"model": _model_spec(model)}
@@ -257,9 +314,18 @@ class Client:
             msg["deadline_ms"] = int(deadline_ms)
         if not cache:
             msg["cache"] = False
+        stack = lora_stack(loras)
+        if stack:
+            entries = []
+            for path, strength, dpath in stack:
+                e = {"id": self.lora_id(path), "strength": strength}
+                if dpath is not None:
+                    e["path"] = dpath
+                entries.append(e)
+            msg["loras"] = entries
         return msg
 
-    def encode(self, model, tokens=None, text=None, clip_layer=None, deadline_ms=None, cache=True):
+    def encode(self, model, tokens=None, text=None, clip_layer=None, deadline_ms=None, cache=True, loras=None):
         """Run a model's text encoders on lunad.
 
         model        a path relative to lunad's models folders, or a list of them (a
@@ -270,13 +336,108 @@ class Client:
         clip_layer   -N as CLIPSetLastLayer(-N); None: the family's default
         deadline_ms  give up if the work has not started within this many ms
         cache        False bypasses lunad's result cache
+        loras        a LoRA stack, in the order the LoRAs apply (at most 16): each entry
+                     a (path, strength) or (path, strength, daemon_path) tuple, or an
+                     object with .path, .strength and optionally .daemon_path (Lora).
+                     'path' is a local file, read for its identity and uploaded when
+                     lunad lacks it; 'daemon_path' the same file relative to lunad's
+                     --loras-dir, which lunad tries first; strength any finite number
 
         Returns (cond float32 [1, 77*chunks, D], pooled float32 [1, Dp], info), info
-        being the reply without "tensors": {"family": "sdxl", "cached": False, ...}.
+        being the reply without "tensors": {"family": "sdxl", "cached": False, ...},
+        with a LoRA stack also "lora": {"mode", "patched", "unmapped", "unmapped_keys"}.
         """
-        msg = self.encode_request(model, tokens, text, clip_layer, deadline_ms, cache)
-        reply, tensors = self.call(proto.MSG_ENCODE, msg)
+        stack = lora_stack(loras)
+        msg = self.encode_request(model, tokens, text, clip_layer, deadline_ms, cache, stack)
+        rounds = 0
+        while True:
+            try:
+                reply, tensors = self.call(proto.MSG_ENCODE, msg)
+                break
+            except LunaError as e:
+                if e.code != proto.ENOLORA or not stack or not e.missing:
+                    raise
+                if rounds == LORA_ROUNDS:
+                    raise LunaError(e.code, e.name, "%s (still missing after %d rounds of uploads)"
+                                    % (e.message, LORA_ROUNDS), reply=e.reply) from None
+                rounds += 1
+                self._upload_missing(stack, [x["id"] for x in msg["loras"]], e.missing)
         return split_encode_reply(reply, tensors, self.peer)
+
+    # ---- LoRAs --------------------------------------------------------------------
+
+    def lora_id(self, path):
+        """The identity of the LoRA file at 'path' (lora.lora_identity), remembered
+        while the file keeps its inode, size and modification time."""
+        path = os.fsdecode(path)
+        try:
+            key = _stat_key(os.stat(path))
+        except OSError as e:
+            raise LunaError(proto.EIO, message="LoRA %s: %s" % (path, e.strerror or e)) from None
+        hit = self._lora_ids.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        ident = _lora.lora_identity(path)
+        try:
+            if _stat_key(os.stat(path)) == key:  # unchanged while it was read
+                self._lora_ids[path] = (key, ident)
+        except OSError:
+            pass
+        return ident
+
+    def _upload_missing(self, stack, ids, missing):
+        todo = {}
+        for m in missing:
+            hits = [i for i, x in enumerate(ids) if x == m.lower()]
+            if not hits:
+                raise LunaError(proto.EPROTO, message="%s: lunad asks for LoRA %.80s, which is not in this "
+                                "request's stack" % (self.peer, m))
+            todo.setdefault(ids[hits[0]], stack[hits[0]][0])
+        for ident, path in todo.items():
+            try:
+                self.lora_upload(path, expect=ident)
+            except LunaError as e:
+                raise LunaError(e.code, e.name, "uploading LoRA %s: %s" % (path, e.message), reply=e.reply) \
+                    from None
+
+    def lora_upload(self, path, expect=None):
+        """Upload the text-encoder tensors of the LoRA file at 'path' to lunad's LoRA
+        cache (harmless when it has them). Returns lunad's reply: {"id", "patches",
+        "te_tensors", "unmapped", "unmapped_keys", "bytes", "cached"}. 'expect': the
+        identity the file should have (EINVAL when it changed)."""
+        path = os.fsdecode(path)
+        ident, image = _lora.identity_and_image(path)
+        if expect is not None and ident != expect:
+            raise LunaError(proto.EINVAL, message="LoRA %s changed while in use: its identity is now %s, it was %s"
+                            % (path, ident, expect))
+        reply = self.call(proto.MSG_LORA, {"action": "upload", "id": ident}, raw=image)[0]
+        got = reply.get("id")
+        if isinstance(got, str) and got.lower() != ident:
+            raise LunaError(proto.EPROTO, message="%s: lunad stored LoRA %s as %s" % (self.peer, path, got))
+        return reply
+
+    def lora_list(self):
+        """lunad's LoRA cache: {"loras": [{"id", "source", "bytes", "patches", "refs",
+        "pinned", "hits", "idle_s"}], "used_bytes", "budget_bytes"}."""
+        return self.call(proto.MSG_LORA, {"action": "list"})[0]
+
+    def _lora_action(self, action, ident):
+        if not isinstance(ident, str):
+            raise LunaError(proto.EINVAL, message="a LoRA identity is a string of 64 hex digits")
+        return self.call(proto.MSG_LORA, {"action": action, "id": ident.lower()})[0]
+
+    def lora_evict(self, ident):
+        """Drop LoRA 'ident' from lunad's cache: {"evicted": bool, "deferred": bool}
+        (deferred: in use, freed once its requests end). ENOTFOUND when unknown."""
+        return self._lora_action("evict", ident)
+
+    def lora_pin(self, ident):
+        """Keep LoRA 'ident' in lunad's cache whatever the LRU says: {"pinned": true}."""
+        return self._lora_action("pin", ident)
+
+    def lora_unpin(self, ident):
+        """Let the LRU evict LoRA 'ident' again: {"pinned": false}."""
+        return self._lora_action("unpin", ident)
 
 
 def split_encode_reply(reply, tensors, peer="lunad"):

@@ -37,6 +37,7 @@ MSG_HEALTH = 3
 MSG_STATUS = 4
 MSG_MODELS = 5
 MSG_ENCODE = 6
+MSG_LORA = 7
 
 FLAG_REPLY = 0x1
 FLAG_ERROR = 0x2
@@ -78,6 +79,7 @@ STATUS = [
     (-22, "ESHUTDOWN", "server shutting down"),
     (-23, "ECONN", "connection failed or closed"),
     (-24, "EUNKNOWN", "unknown message type"),
+    (-25, "ENOLORA", "LoRA not in the daemon's cache: upload it"),
 ]
 STATUS_NAME = {code: name for code, name, _ in STATUS}
 STATUS_TEXT = {code: text for code, _, text in STATUS}
@@ -96,12 +98,18 @@ class LunaError(Exception):
     code     the luna status number (negative), as in include/luna.h
     name     its name, e.g. "ENOTFOUND" (lunad's spelling for its own errors)
     message  what failed: lunad's message for its errors, else this side's
+    reply    lunad's whole error reply (a dict) for its errors, else None
+    missing  for ENOLORA: the identities lunad asks the client to upload (a list of
+             hex strings, its reply's "missing"); [] otherwise
     """
 
-    def __init__(self, code, name=None, message=None):
+    def __init__(self, code, name=None, message=None, reply=None):
         self.code = int(code)
         self.name = name or status_name(self.code)
         self.message = message if message is not None else STATUS_TEXT.get(self.code, "unknown status")
+        self.reply = reply
+        missing = reply.get("missing") if isinstance(reply, dict) else None
+        self.missing = [m for m in missing if isinstance(m, str)] if isinstance(missing, list) else []
         super().__init__(self.code, self.name, self.message)
 
     def __str__(self):
@@ -168,13 +176,19 @@ def dump_json(msg):
     return text.encode("utf-8", "strict")
 
 
-def encode_frame(type, flags, request_id, msg=None, tensors=None):
+def encode_frame(type, flags, request_id, msg=None, tensors=None, raw=None):
     """A whole frame as bytes.
 
     msg      dict for the JSON part (None: {}); not modified
     tensors  None, or a dict name -> numpy array, written in order after the JSON part
              and described in the message's "tensors" object
+    raw      None, or bytes-like sent as the binary part as they are, with no "tensors"
+             description (a LORA upload's safetensors image); not with 'tensors'
     """
+    if raw is not None:
+        if tensors:
+            raise LunaError(EINVAL, message="a frame carries tensors or a raw binary part, not both")
+        return encode_frame_head(type, flags, request_id, msg, len(raw)) + bytes(raw)
     msg = dict(msg) if msg else {}
     parts = []
     if tensors:
@@ -195,6 +209,15 @@ def encode_frame(type, flags, request_id, msg=None, tensors=None):
         raise LunaError(ETOOBIG, message="JSON part of %d bytes exceeds %d" % (len(js), MAX_JSON))
     binary = b"".join(parts)
     return pack_header(type, flags, request_id, len(js), len(binary)) + js + binary
+
+
+def encode_frame_head(type, flags, request_id, msg, bin_len):
+    """The header and JSON part of a frame whose binary part of 'bin_len' bytes the
+    caller sends after them, as they are."""
+    js = dump_json(dict(msg) if msg else {})
+    if len(js) > MAX_JSON:
+        raise LunaError(ETOOBIG, message="JSON part of %d bytes exceeds %d" % (len(js), MAX_JSON))
+    return pack_header(type, flags, request_id, len(js), bin_len) + js
 
 
 def _reject_constant(name):
@@ -282,4 +305,4 @@ def error_from_reply(msg):
         return LunaError(EPROTO, message="error reply without a valid negative \"code\": %.200r" % (msg,))
     name = msg.get("name") if isinstance(msg.get("name"), str) else None
     text = msg.get("message") if isinstance(msg.get("message"), str) else None
-    return LunaError(code, name, text)
+    return LunaError(code, name, text, reply=msg)

@@ -1,4 +1,4 @@
-/* cmd_client.c -- the luna commands that talk to lunad: ping, health, status, models, encode */
+/* cmd_client.c -- the luna commands that talk to lunad: ping, health, status, models, lora, encode */
 /* SPDX-License-Identifier: MIT */
 /*
 ** Every command here connects with the global options (luna.c): --socket PATH, or
@@ -7,10 +7,13 @@
 ** library's message, which starts with the status name (lunad's own for its errors).
 */
 #include "cli/commands.h"
+#include "core/safetensors.h"
+#include "lora/lora.h"
 #include "luna.h"
 #include "luna_proto.h"
 
 #include <cJSON.h>
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -309,6 +312,163 @@ int cmd_models(const cmd_target *t, int argc, char **argv) {
   return rc;
 }
 
+/* ---- lora ------------------------------------------------------------------------- */
+
+/* The actions of 'luna lora': their arguments and what they do, for the help texts. */
+typedef struct lora_action {
+  const char *name, *args, *help;
+  int daemon; /* talks to lunad */
+} lora_action;
+
+static const lora_action lora_actions[] = {
+    {"id", "FILE", "print the identity of a LoRA file (64 hex digits): the SHA-256 of its\n"
+                   "text-encoder tensors, as lunad computes it. File name, metadata, tensor\n"
+                   "order and UNet tensors do not change it. Runs locally.", 0},
+    {"upload", "FILE", "send the text-encoder tensors of a LoRA file to lunad's LoRA cache and\n"
+                       "print its identity (encode with --lora uploads by itself when needed).", 1},
+    {"list", "", "print lunad's LoRA cache as JSON: each entry's id, source, bytes, patches,\n"
+                 "refs, pinned, hits and idle seconds, and the bytes used and allowed.", 1},
+    {"evict", "ID", "drop a LoRA from lunad's cache (once its requests finish when in use).", 1},
+    {"pin", "ID", "keep a LoRA in lunad's cache: the LRU never evicts a pinned entry.", 1},
+    {"unpin", "ID", "let the LRU evict a LoRA again.", 1},
+};
+#define N_LORA_ACTIONS ((int)(sizeof lora_actions / sizeof lora_actions[0]))
+
+static void lora_usage(FILE *f) {
+  fprintf(f, "usage: luna [--socket PATH | --connect HOST:PORT --token-file F] lora ACTION [ARGS]\n"
+             "\n"
+             "LoRA files and lunad's LoRA cache. A LoRA is named by its identity, the\n"
+             "SHA-256 of its text-encoder tensors (64 hex digits).\n"
+             "\n");
+  for (int i = 0; i < N_LORA_ACTIONS; i++) {
+    const lora_action *a = &lora_actions[i];
+    char head[32];
+    snprintf(head, sizeof head, "%s %s", a->name, a->args);
+    fprintf(f, "  %-13s", head);
+    for (const char *p = a->help; *p; p++) {
+      fputc(*p, f);
+      if (*p == '\n') fputs("               ", f);
+    }
+    fputc('\n', f);
+  }
+  fprintf(f, "\n"
+             "  -h, --help   this text ('luna lora ACTION --help': that action's)\n"
+             "\n"
+             "Exit status: 0 success, 1 failure (the message names what failed, with lunad's\n"
+             "error name when it was lunad's), 2 usage error.\n");
+}
+
+static void lora_action_usage(FILE *f, const lora_action *a) {
+  fprintf(f, "usage: luna %slora %s%s%s\n\n%c%s\n\n  -h, --help   this text\n\n"
+             "Exit status: 0 success, 1 failure, 2 usage error.\n",
+          a->daemon ? "[--socket PATH | --connect HOST:PORT --token-file F] " : "", a->name, a->args[0] ? " " : "",
+          a->args, toupper((unsigned char)a->help[0]), a->help + 1);
+}
+
+/* Print the identity of the LoRA file 'path' (with the reader's messages on failure). */
+static int lora_id_cmd(const char *path) {
+  st_file *f = NULL;
+  char err[LUNA_ERR_LEN] = "";
+  if (st_open(path, &f, err)) {
+    fprintf(stderr, "luna lora id: %s\n", err);
+    return 1;
+  }
+  uint8_t id[LORA_ID_LEN];
+  char hex[LORA_ID_HEX];
+  lora_identity(f, id);
+  lora_id_hex(id, hex);
+  st_close(f);
+  printf("%s\n", hex);
+  return 0;
+}
+
+static int lora_upload_cmd(const cmd_target *t, const char *path) {
+  luna_client *c;
+  int rc = connect_target(t, "lora upload", &c);
+  if (rc) return rc;
+  char hex[65];
+  rc = luna_client_lora_upload(c, path, hex);
+  if (rc) fprintf(stderr, "luna lora upload: %s\n", luna_client_errmsg(c));
+  else printf("%s\n", hex);
+  luna_client_close(c);
+  return rc ? 1 : 0;
+}
+
+int cmd_lora(const cmd_target *t, int argc, char **argv) {
+  if (argc < 2) {
+    fprintf(stderr, "luna lora: which action? (id, upload, list, evict, pin or unpin)\n");
+    lora_usage(stderr);
+    return 2;
+  }
+  if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+    lora_usage(stdout);
+    return 0;
+  }
+  const lora_action *a = NULL;
+  for (int i = 0; i < N_LORA_ACTIONS; i++)
+    if (!strcmp(argv[1], lora_actions[i].name)) a = &lora_actions[i];
+  if (!a) {
+    fprintf(stderr, "luna lora: unknown action '%s' (id, upload, list, evict, pin or unpin)\n", argv[1]);
+    lora_usage(stderr);
+    return 2;
+  }
+  /* the action's own options: only --help */
+  static const struct option opts[] = {{"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+  int n = argc - 1;
+  char **v = argv + 1;
+  optind = 1;
+  opterr = 0;
+  int ch;
+  while ((ch = getopt_long(n, v, "+h", opts, NULL)) != -1) {
+    if (ch == 'h') {
+      lora_action_usage(stdout, a);
+      return 0;
+    }
+    fprintf(stderr, "luna lora %s: unknown option '%s'\n", a->name, v[optind - 1]);
+    lora_action_usage(stderr, a);
+    return 2;
+  }
+  int want = a->args[0] ? 1 : 0, got = n - optind;
+  if (got != want) {
+    if (got > want) fprintf(stderr, "luna lora %s: unexpected argument '%s'\n", a->name, v[optind + want]);
+    else fprintf(stderr, "luna lora %s: missing %s\n", a->name, a->args);
+    lora_action_usage(stderr, a);
+    return 2;
+  }
+  const char *arg = want ? v[optind] : NULL;
+  if (!a->daemon) {
+    if (t->socket || t->connect) {
+      fprintf(stderr, "luna lora id: runs locally; --socket and --connect do not apply\n");
+      return 2;
+    }
+    return lora_id_cmd(arg);
+  }
+  if (!strcmp(a->name, "upload")) return lora_upload_cmd(t, arg);
+
+  char id[LORA_ID_HEX] = "";
+  if (arg) {
+    uint8_t raw[LORA_ID_LEN];
+    if (lora_id_parse(arg, raw)) {
+      fprintf(stderr, "luna lora %s: '%s' is not a LoRA identity (64 hex digits; 'luna lora id FILE' prints one)\n",
+              a->name, arg);
+      return 2;
+    }
+    lora_id_hex(raw, id);
+  }
+  char cmd[32];
+  snprintf(cmd, sizeof cmd, "lora %s", a->name);
+  cJSON *m = cJSON_CreateObject();
+  int ok = m && cJSON_AddStringToObject(m, "action", a->name) && (!arg || cJSON_AddStringToObject(m, "id", id));
+  if (!ok) {
+    cJSON_Delete(m);
+    fprintf(stderr, "luna %s: out of memory\n", cmd);
+    return 1;
+  }
+  int rc = call_and_print(t, cmd, LUNA_MSG_LORA, m, 0);
+  cJSON_Delete(m);
+  return rc;
+}
+
 /* ---- encode through lunad --------------------------------------------------------- */
 
 int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o) {
@@ -320,9 +480,11 @@ int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o) {
     free(tokens);
     return rc;
   }
-  luna_encode_args a = {o->models, o->n_models, o->text, tokens, o->clip_layer, o->deadline_ms, o->no_cache};
+  luna_encode_args a = {o->models, o->n_models, o->text, tokens, o->clip_layer, o->deadline_ms, o->no_cache,
+                        o->loras, o->n_loras};
   luna_encode_result r = {0};
   double *times = NULL;
+  char *lora_meta = NULL;
   char err[LUNA_ERR_LEN] = "";
   int status = 1, hits = 0;
 
@@ -330,9 +492,29 @@ int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o) {
   if (luna_client_encode(c, &a, &r)) goto fail_client;
   double first_ms = cmd_now_ms() - t0;
   int first_cached = r.cached;
+  if (r.lora_unmapped > 0)
+    fprintf(stderr, "luna encode: note: %d text-encoder key(s) of the LoRA stack match nothing in this model\n",
+            r.lora_unmapped);
 
+  if (o->n_loras) {
+    /* The identities of the stack, for the metadata (the files were read fine just now). */
+    char ids[LUNA_MAX_LORAS][65];
+    double strengths[LUNA_MAX_LORAS];
+    for (int i = 0; i < o->n_loras; i++) {
+      int rc_id = luna_lora_identity(o->loras[i].path, ids[i]);
+      if (rc_id) {
+        fprintf(stderr, "luna encode: LoRA %s: %s\n", o->loras[i].path, luna_strerror(rc_id));
+        goto done;
+      }
+      strengths[i] = o->loras[i].strength;
+    }
+    if (!(lora_meta = cmd_lora_meta((const char (*)[65])ids, strengths, o->n_loras))) {
+      fprintf(stderr, "luna encode: out of memory\n");
+      goto done;
+    }
+  }
   if (cmd_write_conditioning(o->out_path, r.cond, r.cond_shape[1], r.cond_shape[2], r.pooled, r.pooled_shape[1],
-                             r.family, err)) {
+                             r.family, lora_meta, err)) {
     fprintf(stderr, "luna encode: %s\n", err);
     goto done;
   }
@@ -359,6 +541,9 @@ int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o) {
   if (o->summary) {
     printf("family %s, %lld chunk(s), encoded by lunad in %.1f ms (round trip%s)\n", r.family,
            (long long)(r.cond_shape[1] / 77), first_ms, first_cached ? ", from its cache" : "");
+    if (o->n_loras)
+      printf("LoRA stack of %d: %d weight matrices patched (%s), %d key(s) unmapped\n", o->n_loras, r.lora_patched,
+             r.lora_mode[0] ? r.lora_mode : "mode not reported", r.lora_unmapped);
     cmd_print_conditioning(r.cond, r.cond_shape[1], r.cond_shape[2], r.pooled, r.pooled_shape[1], o->out_path);
   }
   status = 0;
@@ -367,6 +552,7 @@ fail_client:
   fprintf(stderr, "luna encode: %s\n", luna_client_errmsg(c));
 done:
   free(times);
+  free(lora_meta);
   free(tokens);
   luna_encode_result_free(&r);
   luna_client_close(c);

@@ -3,12 +3,16 @@
 #include "cli/commands.h"
 #include "core/safetensors.h"
 #include "core/status.h"
+#include "lora/lora.h"
+#include "lora/lora_plan.h"
 #include "models/textenc.h"
 #include "ops/ops.h"
 #include "text/tokenizer.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,10 +25,11 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: luna [--socket PATH | --connect HOST:PORT --token-file F] encode\n"
           "                   --model REL [--model REL2] (--text TEXT | --tokens FILE.json)\n"
-          "                   [--clip-layer -N] --out OUT.safetensors [--deadline-ms N] [--no-cache]\n"
+          "                   [--clip-layer -N] [--lora FILE:STRENGTH ...] --out OUT.safetensors\n"
+          "                   [--deadline-ms N] [--no-cache]\n"
           "       luna encode --local --model FILE [--model FILE2]\n"
           "                   (--text TEXT --tokenizer DIR | --tokens FILE.json)\n"
-          "                   [--clip-layer -N] --out OUT.safetensors [options]\n"
+          "                   [--clip-layer -N] [--lora FILE:STRENGTH ...] --out OUT.safetensors [options]\n"
           "\n"
           "Encodes a prompt exactly as ComfyUI's CLIPTextEncode does and writes 'cond'\n"
           "(F32 [1, 77*chunks, D]) and 'pooled' (F32 [1, Dp]) to OUT.safetensors, with the\n"
@@ -41,6 +46,14 @@ static void usage(FILE *f) {
           "  --tokens FILE.json  token/weight chunks as ComfyUI's CLIP.tokenize() returns them:\n"
           "                      {\"l\": [[[id, weight], ...77], ...], \"g\": [...]}\n"
           "  --clip-layer -N     CLIPSetLastLayer(-N); default: the family's own layer\n"
+          "  --lora FILE:STRENGTH\n"
+          "                      apply a LoRA (or LyCORIS) file to the text encoders at STRENGTH,\n"
+          "                      as ComfyUI's LoraLoader does with strength_clip: any finite number\n"
+          "                      (0, negative, above 1). Repeatable, applied in the order given (at\n"
+          "                      most %d); split at the last ':'. FILE is read here: through lunad\n"
+          "                      it is named by its identity (luna lora id) and uploaded when\n"
+          "                      lunad does not have it yet. The stack goes into the output's\n"
+          "                      metadata as luna.lora = \"ID:STRENGTH,...\"\n"
           "  --out FILE          output safetensors file\n"
           "  --bench N           encode N more times and print timing JSON on stderr (through\n"
           "                      lunad: whole round trips, \"mode\": \"daemon\")\n"
@@ -52,7 +65,8 @@ static void usage(FILE *f) {
           "  -h, --help          this text\n"
           "\n"
           "Exit status: 0 success, 1 failure (the message names what failed, with lunad's\n"
-          "error name when it was lunad's), 2 usage error.\n");
+          "error name when it was lunad's), 2 usage error.\n",
+          LUNA_MAX_LORAS);
 }
 
 double cmd_now_ms(void) {
@@ -82,13 +96,68 @@ double cmd_median_ms(double *ms, long n) {
 }
 
 int cmd_write_conditioning(const char *path, const float *cond, int64_t n_tokens, int64_t dim,
-                           const float *pooled, int64_t pooled_dim, const char *family, char *err) {
+                           const float *pooled, int64_t pooled_dim, const char *family, const char *lora,
+                           char *err) {
   st_wtensor outs[2] = {
       {"cond", ST_F32, 3, {1, n_tokens, dim}, cond},
       {"pooled", ST_F32, 2, {1, pooled_dim}, pooled},
   };
-  const char *meta[] = {"luna.family", family};
-  return st_write(path, outs, 2, meta, 1, err);
+  const char *meta[] = {"luna.family", family, "luna.lora", lora};
+  return st_write(path, outs, 2, meta, lora ? 2 : 1, err);
+}
+
+/* The shortest "%.Ng" that reads back as 'v'. */
+static void format_double(char *buf, size_t cap, double v) {
+  for (int prec = 1; prec <= 17; prec++) {
+    snprintf(buf, cap, "%.*g", prec, v);
+    if (strtod(buf, NULL) == v) return;
+  }
+}
+
+char *cmd_lora_meta(const char (*ids)[65], const double *strengths, int n) {
+  size_t cap = (size_t)n * (64 + 1 + 32 + 1) + 1;
+  char *s = malloc(cap);
+  if (!s) return NULL;
+  size_t at = 0;
+  s[0] = 0;
+  for (int i = 0; i < n; i++) {
+    char num[32];
+    format_double(num, sizeof num, strengths[i]);
+    at += (size_t)snprintf(s + at, cap - at, "%s%s:%s", i ? "," : "", ids[i], num);
+  }
+  return s;
+}
+
+/*
+** Parse one --lora argument "FILE:STRENGTH" (split at the last ':') into 'out', the
+** file part malloc'd. STRENGTH must be a finite decimal number, nothing else. Prints
+** why and returns -1 when the argument is bad.
+*/
+static int parse_lora(const char *arg, luna_lora *out) {
+  const char *colon = strrchr(arg, ':');
+  if (!colon) {
+    fprintf(stderr, "luna encode: --lora '%s' wants FILE:STRENGTH (no ':' in it)\n", arg);
+    return -1;
+  }
+  if (colon == arg) {
+    fprintf(stderr, "luna encode: --lora '%s' wants FILE:STRENGTH (no file before the ':')\n", arg);
+    return -1;
+  }
+  const char *num = colon + 1;
+  char *end = NULL;
+  errno = 0;
+  double v = *num && !isspace((unsigned char)*num) ? strtod(num, &end) : NAN;
+  if (!end || *end || errno || !isfinite(v)) {
+    fprintf(stderr, "luna encode: --lora '%s': the strength '%s' is not a finite number\n", arg, num);
+    return -1;
+  }
+  char *path = strndup(arg, (size_t)(colon - arg));
+  if (!path) {
+    fprintf(stderr, "luna encode: out of memory\n");
+    return -1;
+  }
+  *out = (luna_lora){path, v, NULL};
+  return 0;
 }
 
 void cmd_print_conditioning(const float *cond, int64_t n_tokens, int64_t dim, const float *pooled,
@@ -112,9 +181,19 @@ static int parse_int(const char *s, const char *opt, long lo, long hi, long *out
   return 0;
 }
 
-int cmd_encode(const cmd_target *target, int argc, char **argv) {
+/* Print a note when LoRA keys matched nothing in the model (never dropped silently). */
+static void note_unmapped(const lora_report *rep) {
+  if (rep->unmapped <= 0) return;
+  fprintf(stderr, "luna encode: note: %d text-encoder key(s) of the LoRA stack match nothing in this model:",
+          rep->unmapped);
+  for (int i = 0; i < rep->n_keys && i < LORA_MAX_REPORT; i++) fprintf(stderr, "%s %s", i ? "," : "", rep->unmapped_keys[i]);
+  fprintf(stderr, "%s\n", rep->unmapped > rep->n_keys ? ", ..." : "");
+}
+
+/* cmd_encode's work; 'loras' receives the --lora stack (the caller frees the paths). */
+static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora *loras, int *n_loras) {
   enum { O_LOCAL = 256, O_MODEL, O_TEXT, O_TOKENIZER, O_TOKENS, O_LAYER, O_OUT, O_BENCH, O_WDTYPE, O_THREADS,
-         O_SUMMARY, O_DEADLINE, O_NOCACHE };
+         O_SUMMARY, O_DEADLINE, O_NOCACHE, O_LORA };
   static const struct option opts[] = {
       {"local", no_argument, 0, O_LOCAL},         {"model", required_argument, 0, O_MODEL},
       {"text", required_argument, 0, O_TEXT},      {"tokenizer", required_argument, 0, O_TOKENIZER},
@@ -122,8 +201,8 @@ int cmd_encode(const cmd_target *target, int argc, char **argv) {
       {"out", required_argument, 0, O_OUT},        {"bench", required_argument, 0, O_BENCH},
       {"weight-dtype", required_argument, 0, O_WDTYPE}, {"threads", required_argument, 0, O_THREADS},
       {"summary", no_argument, 0, O_SUMMARY},      {"deadline-ms", required_argument, 0, O_DEADLINE},
-      {"no-cache", no_argument, 0, O_NOCACHE},     {"help", no_argument, 0, 'h'},
-      {0, 0, 0, 0}};
+      {"no-cache", no_argument, 0, O_NOCACHE},     {"lora", required_argument, 0, O_LORA},
+      {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
   const char *models[MAX_MODELS], *text = NULL, *tokdir = NULL, *tokfile = NULL, *out_path = NULL;
   int n_models = 0, local = 0, summary = 0, no_cache = 0, wtype_set = 0;
   long clip_layer = 0, bench = 0, threads = 0, deadline_ms = 0;
@@ -150,6 +229,14 @@ int cmd_encode(const cmd_target *target, int argc, char **argv) {
     case O_THREADS: if (parse_int(optarg, "--threads", 1, 1024, &threads)) return 2; break;
     case O_DEADLINE: if (parse_int(optarg, "--deadline-ms", 1, 86400000, &deadline_ms)) return 2; break;
     case O_NOCACHE: no_cache = 1; break;
+    case O_LORA:
+      if (*n_loras == LUNA_MAX_LORAS) {
+        fprintf(stderr, "luna encode: at most %d --lora files\n", LUNA_MAX_LORAS);
+        return 2;
+      }
+      if (parse_lora(optarg, &loras[*n_loras])) return 2;
+      ++*n_loras;
+      break;
     case O_WDTYPE:
       wtype_set = 1;
       if (!strcmp(optarg, "f16")) wtype = OPS_W_F16;
@@ -186,7 +273,7 @@ int cmd_encode(const cmd_target *target, int argc, char **argv) {
       return 2;
     }
     cmd_encode_opts o = {models, n_models, text, tokfile, out_path, (int)clip_layer, bench,
-                         summary, (int)deadline_ms, no_cache};
+                         summary, (int)deadline_ms, no_cache, loras, *n_loras};
     return cmd_encode_daemon(target, &o);
   }
   if (deadline_ms || no_cache) {
@@ -207,6 +294,12 @@ int cmd_encode(const cmd_target *target, int argc, char **argv) {
   tok_vocab *vocab = NULL;
   te_output o = {0};
   double *times = NULL;
+  int n_files = 0;
+  lora_file *files[LUNA_MAX_LORAS];
+  lora_plan *plan = NULL;
+  lora_report lrep;
+  memset(&lrep, 0, sizeof lrep);
+  char *lora_meta = NULL;
 
   double t0 = cmd_now_ms();
   if (te_set_load(models, n_models, wtype, &set, err)) goto fail;
@@ -232,11 +325,33 @@ int cmd_encode(const cmd_target *target, int argc, char **argv) {
     goto fail;
   }
   const tok_chunks *gp = fam == TE_SDXL ? &tg : NULL;
+
+  if (*n_loras) {
+    lora_ref refs[LUNA_MAX_LORAS];
+    char ids[LUNA_MAX_LORAS][65];
+    double strengths[LUNA_MAX_LORAS];
+    for (; n_files < *n_loras; n_files++) {
+      if (lora_file_load(loras[n_files].path, &files[n_files], err)) goto fail;
+      refs[n_files] = (lora_ref){files[n_files], loras[n_files].strength};
+      memcpy(ids[n_files], files[n_files]->id_hex, sizeof ids[n_files]);
+      strengths[n_files] = loras[n_files].strength;
+    }
+    if (lora_plan_build(set, refs, n_files, LORA_PLAN_FUNCTIONAL, &plan, &lrep, err)) goto fail;
+    note_unmapped(&lrep);
+    if (!(lora_meta = cmd_lora_meta((const char (*)[65])ids, strengths, n_files))) {
+      snprintf(err, sizeof err, "out of memory");
+      goto fail;
+    }
+  }
+  const te_request req = {&tl, gp, (int)clip_layer, plan};
+
   double t1 = cmd_now_ms();
-  if (te_set_encode(set, pool, &tl, gp, (int)clip_layer, &o, err)) goto fail;
+  if (plan ? te_set_encode_batch(set, pool, &req, 1, &o, err) : te_set_encode(set, pool, &tl, gp, (int)clip_layer, &o, err))
+    goto fail;
   double first_ms = cmd_now_ms() - t1;
 
-  if (cmd_write_conditioning(out_path, o.cond, o.n_tokens, o.dim, o.pooled, o.pooled_dim, te_family_name(fam), err))
+  if (cmd_write_conditioning(out_path, o.cond, o.n_tokens, o.dim, o.pooled, o.pooled_dim, te_family_name(fam),
+                             lora_meta, err))
     goto fail;
 
   if (bench > 0) {
@@ -245,7 +360,9 @@ int cmd_encode(const cmd_target *target, int argc, char **argv) {
     for (long i = 0; i < bench; i++) {
       te_output r;
       double s = cmd_now_ms();
-      if (te_set_encode(set, pool, &tl, gp, (int)clip_layer, &r, err)) goto fail;
+      if (plan ? te_set_encode_batch(set, pool, &req, 1, &r, err)
+               : te_set_encode(set, pool, &tl, gp, (int)clip_layer, &r, err))
+        goto fail;
       times[i] = cmd_now_ms() - s;
       te_output_free(&r);
     }
@@ -262,17 +379,31 @@ int cmd_encode(const cmd_target *target, int argc, char **argv) {
     printf("family %s, %d chunk(s), weights %.1f MiB in %s, encoded in %.1f ms\n", te_family_name(fam),
            tl.n_chunks, (double)te_set_weight_bytes(set) / (1024.0 * 1024.0),
            wtype == OPS_W_F16 ? "f16" : "f32", first_ms);
+    if (plan)
+      printf("LoRA stack of %d: %d weight matrices patched (functional), %d key(s) unmapped\n", n_files,
+             lrep.patched, lrep.unmapped);
     cmd_print_conditioning(o.cond, o.n_tokens, o.dim, o.pooled, o.pooled_dim, out_path);
   }
   rc = 0;
 fail:
   if (rc) fprintf(stderr, "luna encode: %s\n", err[0] ? err : "failed");
   free(times);
+  free(lora_meta);
   te_output_free(&o);
   tok_chunks_free(&tl);
   tok_chunks_free(&tg);
   tok_vocab_free(vocab);
   ops_pool_free(pool);
+  if (plan) lora_plan_free(plan);
+  for (int i = 0; i < n_files; i++) lora_file_free(files[i]);
   te_set_free(set);
+  return rc;
+}
+
+int cmd_encode(const cmd_target *target, int argc, char **argv) {
+  luna_lora loras[LUNA_MAX_LORAS];
+  int n_loras = 0;
+  int rc = encode_run(target, argc, argv, loras, &n_loras);
+  for (int i = 0; i < n_loras; i++) free((char *)loras[i].path);
   return rc;
 }

@@ -3,6 +3,8 @@
 #ifndef LUNA_CLI_COMMANDS_H
 #define LUNA_CLI_COMMANDS_H
 
+#include "luna.h"
+
 #include <stdint.h>
 
 /* Where the daemon commands connect: the global options given before the command. */
@@ -22,6 +24,8 @@ int cmd_ping(const cmd_target *t, int argc, char **argv);
 int cmd_health(const cmd_target *t, int argc, char **argv);
 int cmd_status(const cmd_target *t, int argc, char **argv);
 int cmd_models(const cmd_target *t, int argc, char **argv);
+/* luna lora id|upload|list|evict|pin|unpin */
+int cmd_lora(const cmd_target *t, int argc, char **argv);
 
 /* An encode as 'luna encode' parsed it, for the daemon path (cmd_client.c). */
 typedef struct cmd_encode_opts {
@@ -35,6 +39,8 @@ typedef struct cmd_encode_opts {
   int summary;
   int deadline_ms;        /* 0: none */
   int no_cache;
+  const luna_lora *loras; /* the --lora stack, in order; daemon_path NULL */
+  int n_loras;
 } cmd_encode_opts;
 
 /* cmd_encode_daemon runs 'o' through lunad and writes the same file as --local. */
@@ -43,9 +49,16 @@ int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o);
 /* Shared by the local and the daemon encode (cmd_encode.c). */
 
 /* cmd_write_conditioning writes 'cond' (F32 [1, n_tokens, dim]) and 'pooled' (F32
-** [1, pooled_dim]) to 'path' with the metadata luna.family = 'family'. */
+** [1, pooled_dim]) to 'path' with the metadata luna.family = 'family' and, when
+** 'lora' is not NULL, luna.lora = 'lora' (the stack, cmd_lora_meta). */
 int cmd_write_conditioning(const char *path, const float *cond, int64_t n_tokens, int64_t dim,
-                           const float *pooled, int64_t pooled_dim, const char *family, char *err);
+                           const float *pooled, int64_t pooled_dim, const char *family, const char *lora,
+                           char *err);
+
+/* cmd_lora_meta writes the stack as "ID:STRENGTH,ID:STRENGTH,..." (each strength the
+** shortest decimal that reads back as the same double) into a malloc'd string, or
+** returns NULL when out of memory. */
+char *cmd_lora_meta(const char (*ids)[65], const double *strengths, int n);
 
 /* cmd_print_conditioning prints the shapes and first values (--summary). */
 void cmd_print_conditioning(const float *cond, int64_t n_tokens, int64_t dim, const float *pooled,

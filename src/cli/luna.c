@@ -16,6 +16,7 @@ static void usage(FILE *f) {
           "  health      is lunad live and ready, and the state of each model (JSON)\n"
           "  status      lunad's counters, memory, queue, cache and models (JSON)\n"
           "  models      list, load or unload models\n"
+          "  lora        LoRA identities and lunad's LoRA cache: id, upload, list, evict, pin, unpin\n"
           "  encode      encode a prompt with a model's text encoders (--local: in this process)\n"
           "local commands:\n"
           "  tokenize    print ComfyUI's token/weight chunks for a prompt as JSON\n"
@@ -112,6 +113,7 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "health")) return cmd_health(&t, n, v);
   if (!strcmp(cmd, "status")) return cmd_status(&t, n, v);
   if (!strcmp(cmd, "models")) return cmd_models(&t, n, v);
+  if (!strcmp(cmd, "lora")) return cmd_lora(&t, n, v);
   if (!strcmp(cmd, "tokenize") || !strcmp(cmd, "demo-model")) {
     if (remote_opts) {
       fprintf(stderr, "luna: '%s' runs locally; --socket and --connect do not apply\n", cmd);

@@ -7,16 +7,26 @@
 ** buffer. A handle has at most one request in flight, so the reply must carry that
 ** request's id and type; anything else means the stream is out of step and the
 ** connection is dropped (fd = -1).
+**
+** LoRA stacks: an encode names each LoRA by its identity (lora_identity over the
+** file's text-encoder tensors), which the handle caches per path, inode, size and mtime. When
+** lunad lacks some, it answers ENOLORA with their ids in "missing"; read_reply keeps
+** that error's JSON (err_json), the client uploads those files (a LORA frame whose
+** binary part is the safetensors image lora_extract_te makes) and sends the encode
+** again, at most LORA_ROUNDS times.
 */
 #include "luna.h"
 #include "luna_proto.h"
 
+#include "core/safetensors.h"
 #include "core/status.h"
 #include "core/utf8.h"
+#include "lora/lora.h"
 #include "proto/frame.h"
 
 #include <cJSON.h>
 #include <errno.h>
+#include <math.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -24,7 +34,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -40,12 +52,30 @@
 #define CLIENT_MAX_MODELS 4
 #define CLIENT_NAME "libluna"
 
+/* Upload-and-retry rounds of an encode whose LoRAs lunad lacks (ENOLORA). */
+#define LORA_ROUNDS 3
+/* LoRA identities remembered per handle (the oldest one makes room). */
+#define LORA_ID_CACHE 32
+
+/* A file's identity, valid while the file keeps its size and modification time. */
+typedef struct lora_id_entry {
+  char *path;
+  dev_t dev;
+  ino_t ino;
+  off_t size;
+  struct timespec mtime;
+  char hex[LORA_ID_HEX];
+} lora_id_entry;
+
 struct luna_client {
   int fd;                     /* the connection; -1 once closed or broken */
   uint64_t next_id;           /* request ids count up from 1 */
   char peer[160];             /* "unix:PATH" or "tcp:HOST:PORT", for messages */
   int errcode;                /* status of the most recent call */
   char errmsg[LUNA_ERR_LEN];  /* "NAME: what failed", or "" after a success */
+  cJSON *err_json;            /* the most recent error reply's JSON, or NULL */
+  lora_id_entry ids[LORA_ID_CACHE];
+  int next_slot;              /* the cache slot to reuse next once all are taken */
 };
 
 /* A reply: 'buf' owns the JSON and binary parts; 'msg' is the parsed JSON part. */
@@ -198,17 +228,25 @@ static int read_reply(luna_client *c, uint16_t type, uint64_t id, reply *r) {
   const char *text = cJSON_IsString(message) ? message->valuestring : luna_strerror(status);
   c->errcode = status;
   snprintf(c->errmsg, sizeof c->errmsg, "%s: %s", nm, text);
+  /* Kept for the fields some errors carry besides their message (ENOLORA: "missing"). */
+  cJSON_Delete(c->err_json);
+  c->err_json = r->msg;
+  r->msg = NULL;
   reply_free(r);
   if (stray) drop(c);
   return status;
 }
 
 /*
-** Send 'msg' (NULL: {}) as a request of 'type' and read its reply into 'r'. On
+** Send 'msg' (NULL: {}) as a request of 'type', with 'bin_len' bytes at 'bin' as its
+** binary part (raw: no "tensors" describe them), and read its reply into 'r'. On
 ** success the caller frees 'r' with reply_free and calls set_ok itself.
 */
-static int exchange(luna_client *c, uint16_t type, const cJSON *msg, reply *r) {
+static int exchange_bin(luna_client *c, uint16_t type, const cJSON *msg, const uint8_t *bin, size_t bin_len,
+                        reply *r) {
   memset(r, 0, sizeof *r);
+  cJSON_Delete(c->err_json);
+  c->err_json = NULL;
   if (c->fd < 0)
     return set_err(c, LUNA_ECONN, "%s: not connected (the connection failed or was closed earlier; "
                    "connect again)", c->peer);
@@ -223,8 +261,19 @@ static int exchange(luna_client *c, uint16_t type, const cJSON *msg, reply *r) {
     return set_err(c, LUNA_ETOOBIG, "the request's JSON part has %zu bytes, more than the protocol's %u",
                    len - LUNA_FRAME_HEADER, LUNA_MAX_JSON);
   }
+  if (bin_len) {
+    /* frame_build wrote bin_len 0: the same header with the raw part's length. */
+    frame_header h;
+    if (frame_parse_header(frame, len, UINT64_MAX, &h, err) != FRAME_OK) {
+      free(frame);
+      return set_err(c, LUNA_EINTERNAL, "building the request: %s", err);
+    }
+    h.bin_len = bin_len;
+    frame_write_header(frame, &h);
+  }
   int e = write_all(c->fd, frame, len);
   free(frame);
+  if (!e && bin_len) e = write_all(c->fd, bin, bin_len);
   if (e) {
     /* lunad may have refused the frame and closed: its error reply, if it got that
     ** far, is still waiting to be read and says more than EPIPE does. */
@@ -238,6 +287,10 @@ static int exchange(luna_client *c, uint16_t type, const cJSON *msg, reply *r) {
     return set_err(c, LUNA_ECONN, "%s: sending a request: %s", c->peer, strerror(e));
   }
   return read_reply(c, type, id, r);
+}
+
+static int exchange(luna_client *c, uint16_t type, const cJSON *msg, reply *r) {
+  return exchange_bin(c, type, msg, NULL, 0, r);
 }
 
 /* ---- connecting ------------------------------------------------------------------ */
@@ -339,6 +392,8 @@ int luna_client_connect_tcp(const char *host, int port, const char *token, luna_
 void luna_client_close(luna_client *c) {
   if (!c) return;
   drop(c);
+  cJSON_Delete(c->err_json);
+  for (int i = 0; i < LORA_ID_CACHE; i++) free(c->ids[i].path);
   free(c);
 }
 
@@ -399,6 +454,17 @@ static int encode_msg(luna_client *c, const luna_encode_args *a, cJSON **out) {
   if (a->clip_layer > 0)
     return set_err(c, LUNA_EINVAL, "encode: clip_layer is %d; it is -N (CLIPSetLastLayer) or 0", a->clip_layer);
   if (a->deadline_ms < 0) return set_err(c, LUNA_EINVAL, "encode: deadline_ms is negative (%d)", a->deadline_ms);
+  if (a->n_loras < 0 || a->n_loras > LUNA_MAX_LORAS || (a->n_loras && !a->loras))
+    return set_err(c, LUNA_EINVAL, "encode: n_loras is %d; give 0 to %d LoRAs%s", a->n_loras, LUNA_MAX_LORAS,
+                   a->n_loras > 0 && a->n_loras <= LUNA_MAX_LORAS ? " in 'loras', which is NULL" : "");
+  for (int i = 0; i < a->n_loras; i++) {
+    const luna_lora *l = &a->loras[i];
+    if (!l->path || !l->path[0]) return set_err(c, LUNA_EINVAL, "encode: loras[%d].path is empty", i);
+    if (!isfinite(l->strength))
+      return set_err(c, LUNA_EINVAL, "encode: loras[%d] (%s): strength is not a finite number", i, l->path);
+    if (l->daemon_path && !l->daemon_path[0])
+      return set_err(c, LUNA_EINVAL, "encode: loras[%d] (%s): daemon_path is empty (NULL for none)", i, l->path);
+  }
 
   cJSON *m = cJSON_CreateObject(), *tokens = NULL;
   if (!m) goto oom;
@@ -443,6 +509,192 @@ oom:
   return set_err(c, LUNA_ENOMEM, "encode: out of memory building the request");
 }
 
+/* ---- LoRAs ------------------------------------------------------------------------ */
+
+/* The identity of the LoRA file at 'path' into 'hex'; on failure 'err' says why. */
+static int file_identity(const char *path, char hex[LORA_ID_HEX], char *err) {
+  st_file *f = NULL;
+  int rc = st_open(path, &f, err);
+  if (rc) return rc;
+  uint8_t id[LORA_ID_LEN];
+  lora_identity(f, id);
+  lora_id_hex(id, hex);
+  st_close(f);
+  return 0;
+}
+
+int luna_lora_identity(const char *path, char id_hex[65]) {
+  if (id_hex) id_hex[0] = 0;
+  if (!path || !path[0] || !id_hex) return LUNA_EINVAL;
+  char err[LUNA_ERR_LEN] = "";
+  return file_identity(path, id_hex, err);
+}
+
+static int same_file(const lora_id_entry *e, const struct stat *st) {
+  return e->dev == st->st_dev && e->ino == st->st_ino && e->size == st->st_size &&
+         e->mtime.tv_sec == st->st_mtim.tv_sec && e->mtime.tv_nsec == st->st_mtim.tv_nsec;
+}
+
+/* The identity of 'path', from the handle's cache while the file keeps its inode, size
+** and modification time, else computed (and remembered). */
+static int cached_identity(luna_client *c, const char *path, char hex[LORA_ID_HEX]) {
+  struct stat st;
+  if (stat(path, &st)) return set_err(c, LUNA_EIO, "LoRA %s: %s", path, strerror(errno));
+  lora_id_entry *slot = NULL;
+  for (int i = 0; i < LORA_ID_CACHE; i++) {
+    lora_id_entry *e = &c->ids[i];
+    if (e->path && !strcmp(e->path, path)) {
+      if (same_file(e, &st)) {
+        memcpy(hex, e->hex, LORA_ID_HEX);
+        return 0;
+      }
+      slot = e; /* the file changed: its entry is replaced */
+    }
+  }
+  char err[LUNA_ERR_LEN] = "";
+  int rc = file_identity(path, hex, err);
+  if (rc) return set_err(c, rc, "%s", err);
+  /* Remembered only when the file did not change while it was read. */
+  struct stat after;
+  if (stat(path, &after) || after.st_dev != st.st_dev || after.st_ino != st.st_ino || after.st_size != st.st_size ||
+      after.st_mtim.tv_sec != st.st_mtim.tv_sec || after.st_mtim.tv_nsec != st.st_mtim.tv_nsec)
+    return 0;
+  for (int i = 0; !slot && i < LORA_ID_CACHE; i++)
+    if (!c->ids[i].path) slot = &c->ids[i];
+  if (!slot) {
+    slot = &c->ids[c->next_slot];
+    c->next_slot = (c->next_slot + 1) % LORA_ID_CACHE;
+  }
+  char *copy = strdup(path);
+  if (!copy) return 0; /* not remembered; the identity itself is fine */
+  free(slot->path);
+  slot->path = copy;
+  slot->dev = st.st_dev;
+  slot->ino = st.st_ino;
+  slot->size = st.st_size;
+  slot->mtime = st.st_mtim;
+  memcpy(slot->hex, hex, LORA_ID_HEX);
+  return 0;
+}
+
+/* Put "uploading LoRA PATH" between the status name and the rest of the current error
+** message (cut at the end when it does not fit). */
+static void upload_context(luna_client *c, const char *path) {
+  char old[LUNA_ERR_LEN];
+  memcpy(old, c->errmsg, sizeof old);
+  const char *sep = strstr(old, ": ");
+  if (!sep) return;
+  int n = snprintf(c->errmsg, sizeof c->errmsg, "%.*s: uploading LoRA %s: %s", (int)(sep - old), old, path, sep + 2);
+  if (n < 0) memcpy(c->errmsg, old, sizeof old);
+}
+
+/*
+** Upload the text-encoder tensors of 'path' to lunad; 'want' (or NULL) is the identity
+** the caller expects the file to have. The identity is written into 'out' (or NULL).
+*/
+static int upload_file(luna_client *c, const char *path, const char *want, char *out) {
+  st_file *f = NULL;
+  char err[LUNA_ERR_LEN] = "";
+  int rc = st_open(path, &f, err);
+  if (rc) return set_err(c, rc, "%s", err);
+  uint8_t id[LORA_ID_LEN];
+  char hex[LORA_ID_HEX];
+  lora_identity(f, id);
+  lora_id_hex(id, hex);
+  if (want && strcmp(want, hex)) {
+    st_close(f);
+    return set_err(c, LUNA_EINVAL, "LoRA %s changed while in use: its identity is now %s, it was %s", path, hex, want);
+  }
+  uint8_t *img = NULL;
+  size_t img_len = 0;
+  rc = lora_extract_te(f, &img, &img_len, err);
+  st_close(f);
+  if (rc) return set_err(c, rc, "%s", err);
+  cJSON *m = cJSON_CreateObject();
+  if (!m || !cJSON_AddStringToObject(m, "action", "upload") || !cJSON_AddStringToObject(m, "id", hex)) {
+    cJSON_Delete(m);
+    free(img);
+    return set_err(c, LUNA_ENOMEM, "out of memory building the upload of %s", path);
+  }
+  reply r;
+  rc = exchange_bin(c, LUNA_MSG_LORA, m, img, img_len, &r);
+  cJSON_Delete(m);
+  free(img);
+  if (rc) {
+    upload_context(c, path);
+    return rc;
+  }
+  const cJSON *rid = cJSON_GetObjectItemCaseSensitive(r.msg, "id");
+  if (cJSON_IsString(rid) && strcasecmp(rid->valuestring, hex)) {
+    rc = set_err(c, LUNA_EPROTO, "%s: lunad stored LoRA %s as %s", c->peer, path, rid->valuestring);
+    reply_free(&r);
+    return rc;
+  }
+  reply_free(&r);
+  if (out) memcpy(out, hex, LORA_ID_HEX);
+  set_ok(c);
+  return 0;
+}
+
+int luna_client_lora_upload(luna_client *c, const char *path, char id_hex[65]) {
+  if (id_hex) id_hex[0] = 0;
+  if (!c) return LUNA_EINVAL;
+  if (!path || !path[0]) return set_err(c, LUNA_EINVAL, "lora upload: no file given");
+  return upload_file(c, path, NULL, id_hex);
+}
+
+/* Add "loras" to the encode request 'm', the identities going into 'ids'. */
+static int add_loras(luna_client *c, const luna_encode_args *a, cJSON *m, char ids[][LORA_ID_HEX]) {
+  cJSON *arr = cJSON_AddArrayToObject(m, "loras");
+  if (!arr) goto oom;
+  for (int i = 0; i < a->n_loras; i++) {
+    const luna_lora *l = &a->loras[i];
+    int rc = cached_identity(c, l->path, ids[i]);
+    if (rc) return rc;
+    cJSON *e = cJSON_CreateObject();
+    if (!e || !cJSON_AddItemToArray(arr, e)) {
+      cJSON_Delete(e);
+      goto oom;
+    }
+    if (!cJSON_AddStringToObject(e, "id", ids[i]) || !cJSON_AddNumberToObject(e, "strength", l->strength) ||
+        (l->daemon_path && !cJSON_AddStringToObject(e, "path", l->daemon_path)))
+      goto oom;
+  }
+  return 0;
+oom:
+  return set_err(c, LUNA_ENOMEM, "encode: out of memory building the request");
+}
+
+/*
+** After ENOLORA: upload the stack's files whose identities the error's "missing"
+** lists. Returns 0 to try again, or the status to give up with (ENOLORA as it came
+** when the error names nothing to upload).
+*/
+static int upload_missing(luna_client *c, const luna_encode_args *a, char ids[][LORA_ID_HEX]) {
+  const cJSON *missing = c->err_json ? cJSON_GetObjectItemCaseSensitive(c->err_json, "missing") : NULL;
+  if (!cJSON_IsArray(missing) || !cJSON_GetArraySize(missing)) return c->errcode;
+  int want[LUNA_MAX_LORAS] = {0}, n = 0;
+  const cJSON *e;
+  cJSON_ArrayForEach(e, missing) {
+    int found = 0;
+    for (int i = 0; cJSON_IsString(e) && i < a->n_loras; i++)
+      if (!strcasecmp(ids[i], e->valuestring)) want[i] = found = 1;
+    if (!found)
+      return set_err(c, LUNA_EPROTO, "%s: lunad asks for LoRA %.80s, which is not in this request's stack", c->peer,
+                     cJSON_IsString(e) ? e->valuestring : "(not a string)");
+  }
+  /* the error's JSON goes with the next exchange: 'want' holds what it said */
+  for (int i = 0; i < a->n_loras; i++) {
+    if (!want[i]) continue;
+    for (int j = i + 1; j < a->n_loras; j++)
+      if (!strcmp(ids[j], ids[i])) want[j] = 0; /* the same file twice in the stack: once is enough */
+    int rc = upload_file(c, a->loras[i].path, ids[i], NULL);
+    if (rc) return rc;
+    n++;
+  }
+  return n ? 0 : LUNA_ENOLORA;
+}
+
 /* Copy tensor 'name' of the reply into a new float buffer after checking it is F32
 ** with 'n_dims' dimensions, the first being 1 and the others positive. */
 static int take_f32(luna_client *c, const reply *r, const char *name, int n_dims, int64_t *shape, float **out) {
@@ -477,8 +729,22 @@ int luna_client_encode(luna_client *c, const luna_encode_args *a, luna_encode_re
   cJSON *m;
   int rc = encode_msg(c, a, &m);
   if (rc) return rc;
+  char ids[LUNA_MAX_LORAS][LORA_ID_HEX];
+  if (a->n_loras && (rc = add_loras(c, a, m, ids))) {
+    cJSON_Delete(m);
+    return rc;
+  }
   reply rep;
-  rc = exchange(c, LUNA_MSG_ENCODE, m, &rep);
+  for (int round = 0;; round++) {
+    rc = exchange(c, LUNA_MSG_ENCODE, m, &rep);
+    if (rc != LUNA_ENOLORA || !a->n_loras) break;
+    if (round == LORA_ROUNDS) {
+      size_t len = strlen(c->errmsg);
+      snprintf(c->errmsg + len, sizeof c->errmsg - len, " (still missing after %d rounds of uploads)", LORA_ROUNDS);
+      break;
+    }
+    if ((rc = upload_missing(c, a, ids))) break;
+  }
   cJSON_Delete(m);
   if (rc) return rc;
 
@@ -493,6 +759,18 @@ int luna_client_encode(luna_client *c, const luna_encode_args *a, luna_encode_re
     goto done;
   strcpy(r->family, fam->valuestring);
   r->cached = cJSON_IsTrue(cached);
+  /* "lora": {"mode", "patched", "unmapped", ...}; read leniently, it only informs */
+  const cJSON *lo = cJSON_GetObjectItemCaseSensitive(rep.msg, "lora");
+  if (cJSON_IsObject(lo)) {
+    const cJSON *mode = cJSON_GetObjectItemCaseSensitive(lo, "mode");
+    const cJSON *patched = cJSON_GetObjectItemCaseSensitive(lo, "patched");
+    const cJSON *unmapped = cJSON_GetObjectItemCaseSensitive(lo, "unmapped");
+    if (cJSON_IsString(mode) && strlen(mode->valuestring) < sizeof r->lora_mode) strcpy(r->lora_mode, mode->valuestring);
+    if (cJSON_IsNumber(patched) && patched->valuedouble >= 0 && patched->valuedouble <= 1e9)
+      r->lora_patched = (int)patched->valuedouble;
+    if (cJSON_IsNumber(unmapped) && unmapped->valuedouble >= 0 && unmapped->valuedouble <= 1e9)
+      r->lora_unmapped = (int)unmapped->valuedouble;
+  }
   set_ok(c);
 done:
   reply_free(&rep);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <zlib.h>
 
 /* Tensor roles, and their names in each layout (after the prefix); "%d" is the layer. */
 enum {
@@ -400,13 +401,175 @@ size_t clip_text_scratch(const clip_text *m) {
   return a > b ? a : b;
 }
 
+const ops_mat *clip_text_matrix(const clip_text *m, int layer, clip_mat which) {
+  if (which == CLIP_MAT_PROJ) return m->hp.d_proj ? &m->proj : NULL;
+  if (layer < 0 || layer >= m->hp.n_layers) return NULL;
+  const clip_layer *y = &m->layers[layer];
+  switch (which) {
+  case CLIP_MAT_Q: return &y->q;
+  case CLIP_MAT_K: return &y->k;
+  case CLIP_MAT_V: return &y->v;
+  case CLIP_MAT_O: return &y->o;
+  case CLIP_MAT_FC1: return &y->fc1;
+  case CLIP_MAT_FC2: return &y->fc2;
+  default: return NULL;
+  }
+}
+
+uint32_t clip_text_checksum(const clip_text *m) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  for (int l = 0; l < m->hp.n_layers; l++)
+    for (int w = CLIP_MAT_Q; w <= CLIP_MAT_FC2; w++) {
+      const ops_mat *a = clip_text_matrix(m, l, (clip_mat)w);
+      size_t bytes = (size_t)(a->rows * a->cols) * (a->type == OPS_W_F16 ? 2 : 4);
+      for (size_t off = 0; off < bytes; off += 1u << 30) /* crc32 takes a uInt length */
+        crc = crc32(crc, (const Bytef *)a->data + off, (uInt)(bytes - off < (1u << 30) ? bytes - off : (1u << 30)));
+    }
+  if (m->hp.d_proj) {
+    size_t bytes = (size_t)(m->proj.rows * m->proj.cols) * (m->proj.type == OPS_W_F16 ? 2 : 4);
+    crc = crc32(crc, m->proj.data, (uInt)bytes);
+  }
+  return (uint32_t)crc;
+}
+
+/* One forward pass: the batch, its groups, and a scratch matrix for per-request weights. */
+typedef struct fwd {
+  const clip_text *m;
+  ops_pool *pool;
+  const clip_group *g;
+  int n_g;
+  float *wbuf;        /* fp32 weights built for one request */
+  size_t wbuf_floats;
+  const clip_mat_patch *built; /* whose weights 'wbuf' holds */
+  char *err;
+} fwd;
+
+static const clip_mat_patch *patch_of(const fwd *f, int gi, int layer, clip_mat which) {
+  const clip_overlay *ov = f->g[gi].ov;
+  if (!ov) return NULL;
+  const clip_mat_patch *p = &ov->mats[which == CLIP_MAT_PROJ ? ov->n_layers * 6 : layer * 6 + (int)which];
+  return p->replace || p->build || p->n_terms ? p : NULL;
+}
+
+/* The weights a group computes with, as an identity: the base (NULL), a merged copy, or
+** the group's own built matrix. */
+static const void *weight_id(const clip_mat_patch *p) {
+  if (!p) return NULL;
+  if (p->replace) return p->replace;
+  if (p->build) return p;
+  return NULL;
+}
+
+/* Build the weight of patch 'p' into the forward's scratch matrix (kept while the
+** same patch asks again). */
+static int built(fwd *f, const clip_mat_patch *p, const ops_mat *W, const float **out) {
+  if (f->built == p) {
+    *out = f->wbuf;
+    return 0;
+  }
+  size_t need = (size_t)(W->rows * W->cols);
+  if (f->wbuf_floats < need) {
+    free(f->wbuf);
+    f->wbuf = malloc(need * sizeof(float));
+    f->wbuf_floats = f->wbuf ? need : 0;
+    if (!f->wbuf)
+      return luna_fail(f->err, LUNA_ENOMEM, "out of memory for a %lld x %lld LoRA weight", (long long)W->rows,
+                       (long long)W->cols);
+  }
+  f->built = NULL;
+  ops_mat_to_f32(W, f->wbuf);
+  int rc = p->build(p->build_ud, f->wbuf, f->err);
+  if (rc) return rc;
+  f->built = p;
+  *out = f->wbuf;
+  return 0;
+}
+
+/* y = x W^T + b for every group of the batch, each with its own weights and terms.
+** Consecutive groups with the same weights share one GEMM. */
+static int lin(fwd *f, const float *x, int layer, clip_mat which, const ops_mat *W, const float *bias,
+               float *y) {
+  const int64_t T = CLIP_CTX, in = W->cols, out = W->rows;
+  for (int a = 0; a < f->n_g;) {
+    const clip_mat_patch *pa = patch_of(f, a, layer, which);
+    const void *id = weight_id(pa);
+    int b = a + 1;
+    while (b < f->n_g && weight_id(patch_of(f, b, layer, which)) == id) b++;
+    int64_t r0 = (int64_t)f->g[a].first * T, rows = (int64_t)(f->g[b - 1].first + f->g[b - 1].count) * T - r0;
+    if (!pa || (!pa->replace && !pa->build)) {
+      ops_linear(f->pool, x + r0 * in, rows, W, bias, y + r0 * out);
+    } else if (pa->replace) {
+      ops_mat R = {OPS_W_F32, out, in, pa->replace};
+      ops_linear(f->pool, x + r0 * in, rows, &R, bias, y + r0 * out);
+    } else {
+      const float *w;
+      int rc = built(f, pa, W, &w);
+      if (rc) return rc;
+      ops_mat R = {OPS_W_F32, out, in, w};
+      ops_linear(f->pool, x + r0 * in, rows, &R, bias, y + r0 * out);
+    }
+    a = b;
+  }
+  for (int a = 0; a < f->n_g; a++) {
+    const clip_mat_patch *p = patch_of(f, a, layer, which);
+    if (!p || !p->n_terms) continue;
+    int64_t r0 = (int64_t)f->g[a].first * T, rows = (int64_t)f->g[a].count * T;
+    for (int t = 0; t < p->n_terms; t++)
+      ops_lowrank_add(f->pool, x + r0 * in, rows, in, p->terms[t].down, p->terms[t].up, p->terms[t].rank, out,
+                      p->terms[t].coef, y + r0 * out);
+  }
+  return 0;
+}
+
+/* The projection of one pooled row of group 'gi' (one row at a time: see the caller). */
+static int proj_row(fwd *f, int gi, const float *x, float *y) {
+  const ops_mat *W = &f->m->proj;
+  const clip_mat_patch *p = patch_of(f, gi, 0, CLIP_MAT_PROJ);
+  if (!p || (!p->replace && !p->build)) ops_linear(f->pool, x, 1, W, NULL, y);
+  else {
+    const float *w = p->replace;
+    int rc = w ? 0 : built(f, p, W, &w);
+    if (rc) return rc;
+    ops_mat R = {OPS_W_F32, W->rows, W->cols, w};
+    ops_linear(f->pool, x, 1, &R, NULL, y);
+  }
+  for (int t = 0; p && t < p->n_terms; t++)
+    ops_lowrank_add(f->pool, x, 1, W->cols, p->terms[t].down, p->terms[t].up, p->terms[t].rank, W->rows,
+                    p->terms[t].coef, y);
+  return 0;
+}
+
+static int check_groups(const clip_text *m, const clip_group *g, int n, int B, char *err) {
+  int next = 0;
+  for (int i = 0; i < n; i++) {
+    if (g[i].first != next || g[i].count < 1)
+      return luna_fail(err, LUNA_EINVAL, "group %d covers sequences [%d, %d); expected to start at %d", i,
+                       g[i].first, g[i].first + g[i].count, next);
+    if (g[i].ov && g[i].ov->n_layers != m->hp.n_layers)
+      return luna_fail(err, LUNA_EINVAL, "group %d: overlay for %d layers on a %d-layer encoder", i,
+                       g[i].ov->n_layers, m->hp.n_layers);
+    next += g[i].count;
+  }
+  if (next != B) return luna_fail(err, LUNA_EINVAL, "groups cover %d of %d sequences", next, B);
+  return 0;
+}
+
 int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, int B, int layer_idx,
                       int final_ln, int project, float *hidden, float *pooled, char *err) {
+  clip_group all = {0, B, NULL};
+  return clip_text_forward_groups(m, pool, ids, B, &all, 1, layer_idx, final_ln, project, hidden, pooled, err);
+}
+
+int clip_text_forward_groups(const clip_text *m, ops_pool *pool, const int32_t *ids, int B,
+                             const clip_group *groups, int n_groups, int layer_idx, int final_ln,
+                             int project, float *hidden, float *pooled, char *err) {
   const clip_hparams *hp = &m->hp;
   int64_t D = hp->d_model, F = hp->d_mlp, T = CLIP_CTX, M = (int64_t)B * T;
   if (B < 1) return luna_fail(err, LUNA_EINVAL, "clip_text_forward: no sequences");
   if (hidden && (layer_idx < 0 || layer_idx >= hp->n_layers))
     return luna_fail(err, LUNA_EINVAL, "layer index %d out of range [0, %d)", layer_idx, hp->n_layers);
+  int rc = check_groups(m, groups, n_groups, B, err);
+  if (rc) return rc;
   for (int64_t i = 0; i < M; i++)
     if (ids[i] < 0 || ids[i] >= CLIP_VOCAB)
       return luna_fail(err, LUNA_ETOKENS, "token id %d at sequence %lld position %lld is outside [0, %d)",
@@ -416,6 +579,7 @@ int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, in
   if (!buf) return luna_fail(err, LUNA_ENOMEM, "out of memory for %lld activations", (long long)need);
   float *x = buf, *h = x + M * D, *q = h + M * D, *k = q + M * D, *v = k + M * D, *a = v + M * D,
         *mlp = a + M * D;
+  fwd f = {m, pool, groups, n_groups, NULL, 0, NULL, err};
 
   for (int64_t i = 0; i < M; i++) {
     float *row = x + i * D;
@@ -426,27 +590,27 @@ int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, in
   }
   /* the pooled output needs every layer; the hidden state alone only up to 'layer_idx' */
   int last = pooled || !hidden ? hp->n_layers - 1 : layer_idx;
-  for (int l = 0; l <= last; l++) {
+  for (int l = 0; l <= last && !rc; l++) {
     const clip_layer *y = &m->layers[l];
     ops_layer_norm(pool, x, M, D, y->ln1_w, y->ln1_b, CLIP_LN_EPS, h);
-    ops_linear(pool, h, M, &y->q, y->q_b, q);
-    ops_linear(pool, h, M, &y->k, y->k_b, k);
-    ops_linear(pool, h, M, &y->v, y->v_b, v);
+    if ((rc = lin(&f, h, l, CLIP_MAT_Q, &y->q, y->q_b, q)) || (rc = lin(&f, h, l, CLIP_MAT_K, &y->k, y->k_b, k)) ||
+        (rc = lin(&f, h, l, CLIP_MAT_V, &y->v, y->v_b, v)))
+      break;
     ops_attention_causal(pool, q, k, v, B, T, hp->n_heads, CLIP_HEAD_DIM, a);
-    ops_linear(pool, a, M, &y->o, y->o_b, h);
+    if ((rc = lin(&f, a, l, CLIP_MAT_O, &y->o, y->o_b, h))) break;
     ops_add(pool, x, h, M * D);
     ops_layer_norm(pool, x, M, D, y->ln2_w, y->ln2_b, CLIP_LN_EPS, h);
-    ops_linear(pool, h, M, &y->fc1, y->fc1_b, mlp);
+    if ((rc = lin(&f, h, l, CLIP_MAT_FC1, &y->fc1, y->fc1_b, mlp))) break;
     if (m->kind == CLIP_G) ops_gelu_erf(pool, mlp, M * F);
     else ops_quick_gelu(pool, mlp, M * F);
-    ops_linear(pool, mlp, M, &y->fc2, y->fc2_b, h);
+    if ((rc = lin(&f, mlp, l, CLIP_MAT_FC2, &y->fc2, y->fc2_b, h))) break;
     ops_add(pool, x, h, M * D);
     if (hidden && l == layer_idx) {
       if (final_ln) ops_layer_norm(pool, x, M, D, m->lnf_w, m->lnf_b, CLIP_LN_EPS, hidden);
       else memcpy(hidden, x, (size_t)(M * D) * sizeof(float));
     }
   }
-  if (pooled) {
+  if (!rc && pooled) {
     /* final LN of each sequence's first end token (ComfyUI: num_tokens - 1) */
     for (int b = 0; b < B; b++) {
       int64_t at = T - 1;
@@ -457,11 +621,14 @@ int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, in
     ops_layer_norm(pool, h, B, D, m->lnf_w, m->lnf_b, CLIP_LN_EPS, h);
     /* one row at a time: a GEMM's summation order may depend on its row count, and a
     ** sequence's result must not depend on the batch it ran in */
-    if (project && hp->d_proj)
-      for (int b = 0; b < B; b++) ops_linear(pool, h + (int64_t)b * D, 1, &m->proj, NULL, pooled + (int64_t)b * hp->d_proj);
-    else memcpy(pooled, h, (size_t)(B * D) * sizeof(float));
+    if (project && hp->d_proj) {
+      for (int gi = 0; gi < n_groups && !rc; gi++)
+        for (int b = groups[gi].first; b < groups[gi].first + groups[gi].count && !rc; b++)
+          rc = proj_row(&f, gi, h + (int64_t)b * D, pooled + (int64_t)b * hp->d_proj);
+    } else memcpy(pooled, h, (size_t)(B * D) * sizeof(float));
   }
-  return 0;
+  free(f.wbuf);
+  return rc;
 }
 
 void clip_text_enumerate(const char *prefix, clip_layout layout, const clip_hparams *hp,

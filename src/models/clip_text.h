@@ -56,6 +56,55 @@ size_t clip_text_weight_bytes(const clip_text *m);
 /* Worker scratch (floats) clip_text_forward needs from the pool. */
 size_t clip_text_scratch(const clip_text *m);
 
+/* The weight matrices a request may change, per layer; CLIP_MAT_PROJ is the projection. */
+typedef enum clip_mat {
+  CLIP_MAT_Q, CLIP_MAT_K, CLIP_MAT_V, CLIP_MAT_O, CLIP_MAT_FC1, CLIP_MAT_FC2, CLIP_MAT_PROJ, CLIP_MAT_N
+} clip_mat;
+
+/* One unmerged low-rank term: y += coef * (x down^T) up^T, down [rank, in], up [out, rank]. */
+typedef struct clip_lowrank {
+  const float *down, *up;
+  int64_t rank;
+  float coef;
+} clip_lowrank;
+
+/*
+** What a request changes in one weight matrix, without writing the shared weights:
+**   replace   an fp32 [out, in] matrix used instead of the base (a merged copy), or NULL
+**   build     (when no 'replace') fills 'w', which holds the base widened to fp32, with
+**             the request's weight; run in scratch memory for each forward pass
+**   terms     low-rank terms added after the base (or 'replace')
+*/
+typedef struct clip_mat_patch {
+  const float *replace;
+  int (*build)(const void *ud, float *w, char *err);
+  const void *build_ud;
+  const clip_lowrank *terms;
+  int n_terms;
+} clip_mat_patch;
+
+/* A request's changes to one encoder: 'mats' has n_layers * 6 + 1 entries, entry
+** [layer * 6 + which] for the layer matrices and [n_layers * 6] for the projection;
+** an all-zero entry leaves that matrix as it is. */
+typedef struct clip_overlay {
+  const clip_mat_patch *mats;
+  int n_layers;
+} clip_overlay;
+
+/* Sequences [first, first + count) of a batch that run with one overlay (NULL: none). */
+typedef struct clip_group {
+  int first, count;
+  const clip_overlay *ov;
+} clip_group;
+
+/* The base weight matrix 'which' of 'layer' (the projection: CLIP_MAT_PROJ, any layer),
+** or NULL when the encoder has none. */
+const ops_mat *clip_text_matrix(const clip_text *m, int layer, clip_mat which);
+
+/* CRC-32 (zlib) of every weight matrix as held in memory, layer by layer in the order
+** q, k, v, out, fc1, fc2, then the projection: proof that the shared weights are intact. */
+uint32_t clip_text_checksum(const clip_text *m);
+
 /*
 ** clip_text_forward runs 'B' sequences of CLIP_CTX token ids through every layer.
 ** 'hidden' [B, 77, D] receives the output after 0-based layer 'layer_idx', passed
@@ -67,6 +116,13 @@ size_t clip_text_scratch(const clip_text *m);
 int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, int B,
                       int layer_idx, int final_ln, int project, float *hidden, float *pooled,
                       char *err);
+
+/* clip_text_forward_groups is clip_text_forward where each of the 'n_groups' groups
+** (covering the B sequences in order) runs with its own overlay. Groups that use the same
+** weights for a matrix share one GEMM; a sequence's result does not depend on the others. */
+int clip_text_forward_groups(const clip_text *m, ops_pool *pool, const int32_t *ids, int B,
+                             const clip_group *groups, int n_groups, int layer_idx, int final_ln,
+                             int project, float *hidden, float *pooled, char *err);
 
 /* clip_text_enumerate calls 'cb' once per tensor an encoder with 'hp' has in 'layout'
 ** under 'prefix' (the projection excluded), with its full name and shape. Writers of

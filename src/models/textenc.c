@@ -3,6 +3,7 @@
 #include "models/textenc.h"
 
 #include "core/status.h"
+#include "lora/lora_plan.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -186,6 +187,7 @@ typedef struct enc_item {
   float *pooled;     /* [dp], malloc'd */
   int first, n_seq;  /* its sequences in the batch */
   int has_w;
+  const clip_overlay *ov; /* its LoRA overlay on this encoder, or NULL */
 } enc_item;
 
 /* encode_token_weights for 'n' requests on one encoder, as one forward pass: every
@@ -211,8 +213,9 @@ static int encode_many(const clip_text *m, te_family fam, ops_pool *pool, enc_it
   int32_t *ids = malloc((size_t)B * T * sizeof(int32_t));
   float *hid = malloc((size_t)(B * T * D) * sizeof(float));
   float *pool_out = malloc((size_t)(B * dp) * sizeof(float));
-  int rc = 0;
-  if (!ids || !hid || !pool_out) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory for a batch of %d sequences", B); goto done; }
+  clip_group *groups = malloc((size_t)n * sizeof *groups);
+  int rc = 0, n_groups = 0;
+  if (!ids || !hid || !pool_out || !groups) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory for a batch of %d sequences", B); goto done; }
   for (int r = 0; r < n; r++) {
     const tok_chunks *c = it[r].c;
     int32_t *dst = ids + (int64_t)it[r].first * T;
@@ -224,9 +227,15 @@ static int encode_many(const clip_text *m, te_family fam, ops_pool *pool, enc_it
       for (int64_t t = 2; t < T; t++) e[t] = pad;
     }
   }
+  /* one group per run of requests with the same overlay */
+  for (int r = 0; r < n; r++) {
+    if (n_groups && groups[n_groups - 1].ov == it[r].ov) groups[n_groups - 1].count += it[r].n_seq;
+    else groups[n_groups++] = (clip_group){it[r].first, it[r].n_seq, it[r].ov};
+  }
   int idx, final_ln;
   select_layer(fam, hp->n_layers, clip_layer, &idx, &final_ln);
-  if ((rc = clip_text_forward(m, pool, ids, B, idx, final_ln, project, hid, pool_out, err))) goto done;
+  if ((rc = clip_text_forward_groups(m, pool, ids, B, groups, n_groups, idx, final_ln, project, hid, pool_out, err)))
+    goto done;
   for (int r = 0; r < n && !rc; r++) {
     const tok_chunks *c = it[r].c;
     int64_t nc = c->n_chunks;
@@ -263,6 +272,7 @@ done:
   free(ids);
   free(hid);
   free(pool_out);
+  free(groups);
   return rc;
 }
 
@@ -287,6 +297,8 @@ int te_set_encode_batch(const te_set *s, ops_pool *pool, const te_request *req, 
   for (int r = 0; r < n; r++) {
     il[r].c = req[r].l;
     ig[r].c = req[r].g;
+    il[r].ov = req[r].plan ? lora_plan_overlay(req[r].plan, CLIP_L) : NULL;
+    ig[r].ov = req[r].plan ? lora_plan_overlay(req[r].plan, CLIP_G) : NULL;
   }
   if ((rc = encode_many(L, s->family, pool, il, n, TOK_PAD_L, clip_layer, 0, err))) goto done;
   int64_t dl = clip_text_hparams(L)->d_model;
@@ -335,6 +347,6 @@ done:
 
 int te_set_encode(const te_set *s, ops_pool *pool, const tok_chunks *l, const tok_chunks *g,
                   int clip_layer, te_output *out, char *err) {
-  te_request r = {l, s->family == TE_SDXL ? g : NULL, clip_layer};
+  te_request r = {l, s->family == TE_SDXL ? g : NULL, clip_layer, NULL};
   return te_set_encode_batch(s, pool, &r, 1, out, err);
 }

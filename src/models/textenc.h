@@ -45,10 +45,14 @@ int te_set_encode(const te_set *s, ops_pool *pool, const tok_chunks *l, const to
                   int clip_layer, te_output *out, char *err);
 void te_output_free(te_output *o);
 
-/* One request of a batch: its tokens ('g' ignored for SD1) and clip layer. */
+struct lora_plan;
+
+/* One request of a batch: its tokens ('g' ignored for SD1), clip layer and LoRA plan
+** (NULL: the base weights). */
 typedef struct te_request {
   const tok_chunks *l, *g;
   int clip_layer;
+  const struct lora_plan *plan;
 } te_request;
 
 /* te_set_encode_batch encodes 'n' requests sharing one clip layer in one forward pass

@@ -45,6 +45,16 @@ size_t ops_linear_scratch(int64_t max_cols);
 ** accumulation; F16 weights are widened panel by panel into worker scratch. */
 void ops_linear(ops_pool *p, const float *x, int64_t M, const ops_mat *w, const float *bias, float *y);
 
+/* y[M, out] += coef * (x[M, in] * down[rank, in]^T) * up[out, rank]^T: a LoRA term run
+** unmerged (shrink, then expand). Rows are split across the workers; each needs
+** ops_lowrank_scratch(rank) floats of scratch. */
+void ops_lowrank_add(ops_pool *p, const float *x, int64_t M, int64_t in, const float *down,
+                     const float *up, int64_t rank, int64_t out, float coef, float *y);
+size_t ops_lowrank_scratch(int64_t rank);
+
+/* ops_mat_to_f32 widens a whole weight matrix into 'dst' (rows*cols floats). */
+void ops_mat_to_f32(const ops_mat *w, float *dst);
+
 /* Row-wise LayerNorm over 'D' features with biased variance and epsilon 'eps':
 ** y = (x - mean) / sqrt(var + eps) * g + b. 'y' may equal 'x'. */
 void ops_layer_norm(ops_pool *p, const float *x, int64_t M, int64_t D, const float *g,

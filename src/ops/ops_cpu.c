@@ -213,6 +213,44 @@ void ops_linear(ops_pool *p, const float *x, int64_t M, const ops_mat *w, const 
   ops_pool_run(p, n_tasks, linear_task, &j);
 }
 
+/* ---- low-rank terms -------------------------------------------------------------- */
+
+#define LOWRANK_ROWS 32
+
+size_t ops_lowrank_scratch(int64_t rank) { return (size_t)LOWRANK_ROWS * (size_t)rank; }
+
+typedef struct {
+  const float *x, *down, *up;
+  int64_t M, in, rank, out;
+  float coef;
+  float *y;
+} lowrank_job;
+
+static void lowrank_task(void *a, int task, int worker, float *scratch) {
+  (void)worker;
+  const lowrank_job *j = a;
+  int64_t m0 = (int64_t)task * LOWRANK_ROWS;
+  int64_t mm = j->M - m0 < LOWRANK_ROWS ? j->M - m0 : LOWRANK_ROWS;
+  /* t = x down^T: [mm, rank]; y += coef * t up^T */
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)mm, (blasint)j->rank, (blasint)j->in,
+              1.0f, j->x + m0 * j->in, (blasint)j->in, j->down, (blasint)j->in, 0.0f, scratch, (blasint)j->rank);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)mm, (blasint)j->out, (blasint)j->rank,
+              j->coef, scratch, (blasint)j->rank, j->up, (blasint)j->rank, 1.0f, j->y + m0 * j->out, (blasint)j->out);
+}
+
+void ops_lowrank_add(ops_pool *p, const float *x, int64_t M, int64_t in, const float *down,
+                     const float *up, int64_t rank, int64_t out, float coef, float *y) {
+  if (M <= 0 || rank <= 0) return;
+  lowrank_job j = {x, down, up, M, in, rank, out, coef, y};
+  ops_pool_run(p, (int)((M + LOWRANK_ROWS - 1) / LOWRANK_ROWS), lowrank_task, &j);
+}
+
+void ops_mat_to_f32(const ops_mat *w, float *dst) {
+  size_t n = (size_t)(w->rows * w->cols);
+  if (w->type == OPS_W_F16) fp16_to_f32_row(w->data, dst, n);
+  else memcpy(dst, w->data, n * sizeof(float));
+}
+
 /* ---- elementwise and norms ------------------------------------------------------- */
 
 typedef struct {

@@ -190,7 +190,12 @@ int frame_build(uint16_t type, uint32_t flags, uint64_t request_id, const cJSON 
 
 int frame_build_error(uint16_t type, uint64_t request_id, int status, const char *message,
                       uint8_t **out, size_t *out_len) {
-  cJSON *m = cJSON_CreateObject();
+  return frame_build_error_with(type, request_id, status, message, NULL, out, out_len);
+}
+
+int frame_build_error_with(uint16_t type, uint64_t request_id, int status, const char *message,
+                           const cJSON *extra, uint8_t **out, size_t *out_len) {
+  cJSON *m = extra ? cJSON_Duplicate(extra, 1) : cJSON_CreateObject();
   if (!m) return LUNA_ENOMEM;
   cJSON_AddNumberToObject(m, "code", status);
   cJSON_AddStringToObject(m, "name", luna_status_name(status));

@@ -65,5 +65,9 @@ int frame_build(uint16_t type, uint32_t flags, uint64_t request_id, const cJSON 
 ** {"code": status, "name": luna_status_name(status), "message": message}. */
 int frame_build_error(uint16_t type, uint64_t request_id, int status, const char *message,
                       uint8_t **out, size_t *out_len);
+/* frame_build_error_with is frame_build_error with the fields of 'extra' (a JSON object,
+** or NULL) added, e.g. ENOLORA's "missing". */
+int frame_build_error_with(uint16_t type, uint64_t request_id, int status, const char *message,
+                           const cJSON *extra, uint8_t **out, size_t *out_len);
 
 #endif

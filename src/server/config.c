@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef enum { OPT_STR, OPT_STR_LIST, OPT_INT, OPT_BYTES, OPT_SECONDS, OPT_MODE, OPT_FLAG, OPT_LEVEL } opt_kind;
+typedef enum { OPT_STR, OPT_STR_LIST, OPT_INT, OPT_BYTES, OPT_SECONDS, OPT_MODE, OPT_FLAG, OPT_LEVEL, OPT_LORA_MODE } opt_kind;
 
 typedef struct opt {
   const char *name;       /* flag without dashes, and --config key */
@@ -42,6 +42,9 @@ static const opt opts[] = {
     {"io-timeout", OPT_SECONDS, F(io_timeout_s), 0, 0, "SECONDS", "close a connection whose started frame stalls this long (default 60)"},
     {"deadline", OPT_SECONDS, F(deadline_s), 0, 0, "SECONDS", "default deadline of a request's wait in the queue (default 0: none)"},
     {"weight-dtype-f32", OPT_FLAG, F(weight_f32), 0, 0, NULL, "keep weights as fp32 (twice the memory, slightly faster) instead of fp16"},
+    {"loras-dir", OPT_STR_LIST, F(loras_dirs), F(n_loras_dirs), SRV_MAX_DIRS, "DIR", "folder of LoRA files clients may name (repeatable); others are uploaded by the clients"},
+    {"lora-cache-mem", OPT_BYTES, F(lora_cache_mem), 0, 0, "BYTES", "LoRA cache budget, least recently used idle entries evicted above it (default 1G)"},
+    {"lora-mode", OPT_LORA_MODE, F(lora_mode), 0, 0, "MODE", "how LoRA stacks run: lock (merge under the model's lock), functional (never merge) or auto (default: merged when one stack dominates)"},
     {"log-level", OPT_LEVEL, F(log_level), 0, 0, "LEVEL", "error, warn, info (default) or debug"},
 };
 #define N_OPTS (sizeof opts / sizeof *opts)
@@ -120,6 +123,12 @@ static int set_opt(srv_config *cfg, const opt *o, const char *val, const char *w
     if (val && strcmp(val, "1") && strcmp(val, "yes") && strcmp(val, "true"))
       return luna_fail(err, LUNA_EINVAL, "%s: --%s takes no value (in a config file: yes/true/1)", where, o->name);
     *(int *)(base + o->off) = 1;
+    return 0;
+  case OPT_LORA_MODE:
+    if (!strcmp(val, "auto")) *(int *)(base + o->off) = SRV_LORA_AUTO;
+    else if (!strcmp(val, "lock")) *(int *)(base + o->off) = SRV_LORA_LOCK;
+    else if (!strcmp(val, "functional")) *(int *)(base + o->off) = SRV_LORA_FUNCTIONAL;
+    else return luna_fail(err, LUNA_EINVAL, "%s: --%s is lock, functional or auto, not '%s'", where, o->name, val);
     return 0;
   case OPT_LEVEL: {
     int l = log_parse_level(val);
@@ -207,6 +216,8 @@ int config_parse_args(srv_config *cfg, int argc, char **argv, char *err) {
   cfg->grace_s = 30;
   cfg->io_timeout_s = 60;
   cfg->log_level = LOG_INFO;
+  cfg->lora_mode = SRV_LORA_AUTO;
+  cfg->lora_cache_mem = 1ull << 30;
   struct option lo[N_OPTS + 3];
   for (size_t i = 0; i < N_OPTS; i++)
     lo[i] = (struct option){opts[i].name, opts[i].kind == OPT_FLAG ? no_argument : required_argument, 0, (int)(256 + i)};

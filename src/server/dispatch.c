@@ -72,8 +72,96 @@ static cJSON *status_json(void) {
   cJSON_AddNumberToObject(r, "expired", (double)atomic_load(&srv.stats.expired));
   cJSON_AddNumberToObject(r, "dropped", (double)atomic_load(&srv.stats.dropped));
   cJSON_AddItemToObject(o, "cache", rcache_describe());
+  cJSON_AddItemToObject(o, "lora", lexec_describe());
   cJSON_AddItemToObject(o, "models", registry_describe(&ready));
   return o;
+}
+
+/* The "id" field of a LORA message, parsed. */
+static int lora_id_field(job *j, uint8_t id[LORA_ID_LEN]) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(j->msg, "id");
+  if (!cJSON_IsString(v) || lora_id_parse(v->valuestring, id)) {
+    reply_error(j, LUNA_EINVAL, "\"id\" must be a LoRA identity: 64 hex digits (SHA-256, docs/PROTOCOL.md)");
+    return -1;
+  }
+  return 0;
+}
+
+/* LORA list, evict, pin and unpin touch only the cache index: the loop answers them.
+** Uploads parse a file: a worker does them. */
+static int lora_inline(job *j) {
+  const cJSON *a = cJSON_GetObjectItemCaseSensitive(j->msg, "action");
+  static const char *const bad = "\"action\" must be \"upload\", \"list\", \"evict\", \"pin\" or \"unpin\"";
+  if (!cJSON_IsString(a)) {
+    reply_error(j, LUNA_EINVAL, bad);
+    return 1;
+  }
+  const char *act = a->valuestring;
+  uint8_t id[LORA_ID_LEN];
+  if (!strcmp(act, "list")) {
+    reply_json(j, lcache_list(), NULL, 0);
+    return 1;
+  }
+  if (!strcmp(act, "upload")) {
+    if (!j->bin_len) {
+      reply_error(j, LUNA_EINVAL, "an upload carries the LoRA's safetensors image as the frame's binary part");
+      return 1;
+    }
+    if (lora_id_field(j, id)) return 1;
+    return 0;
+  }
+  if (strcmp(act, "evict") && strcmp(act, "pin") && strcmp(act, "unpin")) {
+    reply_error(j, LUNA_EINVAL, bad);
+    return 1;
+  }
+  if (lora_id_field(j, id)) return 1;
+  char hex[LORA_ID_HEX], msg[160];
+  lora_id_hex(id, hex);
+  cJSON *o = cJSON_CreateObject();
+  int rc;
+  if (!strcmp(act, "evict")) {
+    int deferred = 0;
+    rc = lcache_evict(id, &deferred);
+    cJSON_AddBoolToObject(o, "evicted", rc == 0);
+    cJSON_AddBoolToObject(o, "deferred", deferred);
+  } else {
+    rc = lcache_pin(id, !strcmp(act, "pin"));
+    cJSON_AddBoolToObject(o, "pinned", !strcmp(act, "pin"));
+  }
+  if (rc) {
+    cJSON_Delete(o);
+    snprintf(msg, sizeof msg, "LoRA %s is not in the cache", hex);
+    reply_error(j, rc, msg);
+    return 1;
+  }
+  reply_json(j, o, NULL, 0);
+  return 1;
+}
+
+static void run_lora_upload(job *j) {
+  uint8_t id[LORA_ID_LEN];
+  char err[LUNA_ERR_LEN] = "";
+  if (lora_id_parse(cJSON_GetObjectItemCaseSensitive(j->msg, "id")->valuestring, id))
+    return reply_error(j, LUNA_EINVAL, "bad \"id\"");
+  lcache_entry *e;
+  double t0 = srv_now_ms();
+  int rc = lcache_put(j->bin, j->bin_len, id, &e, err);
+  double parse_ms = srv_now_ms() - t0;
+  if (rc) return reply_error(j, rc, err);
+  const lora_file *f = lcache_file(e);
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "id", f->id_hex);
+  cJSON_AddNumberToObject(o, "patches", f->n_patches);
+  cJSON_AddNumberToObject(o, "te_tensors", f->n_te_tensors);
+  cJSON_AddNumberToObject(o, "unmapped", f->n_unmapped);
+  cJSON *u = cJSON_AddArrayToObject(o, "unmapped_keys");
+  for (int i = 0; i < f->n_unmapped && i < LORA_MAX_REPORT; i++)
+    if (f->unmapped[i]) cJSON_AddItemToArray(u, cJSON_CreateString(f->unmapped[i]));
+  cJSON_AddNumberToObject(o, "bytes", (double)f->bytes);
+  cJSON_AddBoolToObject(o, "cached", 1);
+  cJSON_AddNumberToObject(o, "parse_ms", parse_ms);
+  lcache_release(e);
+  reply_json(j, o, NULL, 0);
 }
 
 int dispatch_inline(struct conn *c, job *j) {
@@ -95,13 +183,14 @@ int dispatch_inline(struct conn *c, job *j) {
       reply_json(j, o, NULL, 0);
       return 1;
     }
-    if (strcmp(a->valuestring, "load") && strcmp(a->valuestring, "unload")) {
-      reply_error(j, LUNA_EINVAL, "\"action\" must be \"list\", \"load\" or \"unload\"");
+    if (strcmp(a->valuestring, "load") && strcmp(a->valuestring, "unload") && strcmp(a->valuestring, "verify")) {
+      reply_error(j, LUNA_EINVAL, "\"action\" must be \"list\", \"load\", \"unload\" or \"verify\"");
       return 1;
     }
-    return 0; /* load and unload touch files: a worker does them */
+    return 0; /* load, unload and verify touch files or whole models: a worker does them */
   }
   case LUNA_MSG_ENCODE: return 0;
+  case LUNA_MSG_LORA: return lora_inline(j);
   default: {
     char msg[96];
     snprintf(msg, sizeof msg, "unknown message type %u", j->type);
@@ -126,6 +215,13 @@ static void run_models(job *j) {
   model *m;
   int rc = registry_acquire(spec, &m, err);
   if (rc) return reply_error(j, rc, err);
+  if (!strcmp(action, "verify")) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", model_id(m));
+    cJSON_AddItemToObject(o, "weights_crc32", registry_checksums(m));
+    registry_release(m);
+    return reply_json(j, o, NULL, 0);
+  }
   registry_release(m);
   int ready;
   cJSON *all = registry_describe(&ready), *o = cJSON_CreateObject();
@@ -161,9 +257,12 @@ typedef struct enc_req {
   int use_cache;
   uint8_t *key;     /* result cache key */
   size_t key_len;
+  lexec_stack st;   /* its LoRA stack */
+  double resolve_ms; /* looking its LoRAs up (and loading misses) */
 } enc_req;
 
-static void reply_output(job *j, te_family fam, const te_output *o, int cached, int batch) {
+static void reply_output(job *j, te_family fam, const te_output *o, int cached, int batch, const lexec_result *lr,
+                         double resolve_ms) {
   frame_out_tensor t[2] = {
       {"cond", ST_F32, 3, {1, o->n_tokens, o->dim}, o->cond},
       {"pooled", ST_F32, 2, {1, o->pooled_dim}, o->pooled},
@@ -172,6 +271,15 @@ static void reply_output(job *j, te_family fam, const te_output *o, int cached, 
   cJSON_AddStringToObject(r, "family", te_family_name(fam));
   cJSON_AddBoolToObject(r, "cached", cached);
   cJSON_AddNumberToObject(r, "batch", batch);
+  if (lr && lr->mode) {
+    cJSON *l = cJSON_AddObjectToObject(r, "lora");
+    cJSON_AddStringToObject(l, "mode", lr->mode);
+    cJSON_AddNumberToObject(l, "patched", lr->rep.patched);
+    cJSON_AddNumberToObject(l, "unmapped", lr->rep.unmapped);
+    cJSON *k = cJSON_AddArrayToObject(l, "unmapped_keys");
+    for (int i = 0; i < lr->rep.n_keys; i++) cJSON_AddItemToArray(k, cJSON_CreateString(lr->rep.unmapped_keys[i]));
+    cJSON_AddNumberToObject(l, "resolve_ms", resolve_ms);
+  }
   reply_json(j, r, t, 2);
 }
 
@@ -196,6 +304,68 @@ static int encode_fields(job *j, const cJSON **tokens, const cJSON **text, int *
     *clip_layer = (int)v;
   }
   return 0;
+}
+
+/* Resolve the request's "loras" into held cache entries, in stack order. A miss is
+** loaded from --loras-dir when its "path" names the same content there; otherwise its
+** identity goes to 'missing' and the request fails with ENOLORA (the client uploads). */
+static int loras_for(job *j, lexec_stack *st, cJSON *missing, char *err) {
+  const cJSON *a = cJSON_GetObjectItemCaseSensitive(j->msg, "loras");
+  int rc = 0, n_missing = 0;
+  char first[LORA_ID_HEX] = "";
+  if (a && !cJSON_IsNull(a)) {
+    if (!cJSON_IsArray(a)) return luna_fail(err, LUNA_EINVAL, "\"loras\" must be an array of {\"id\", \"strength\"}");
+    int n = cJSON_GetArraySize(a);
+    if (n > LEXEC_MAX_STACK) return luna_fail(err, LUNA_EINVAL, "\"loras\" has %d entries; at most %d", n, LEXEC_MAX_STACK);
+    int i = 0;
+    for (const cJSON *e = a->child; e && !rc; e = e->next, i++) {
+      const cJSON *id = cJSON_GetObjectItemCaseSensitive(e, "id");
+      const cJSON *s = cJSON_GetObjectItemCaseSensitive(e, "strength");
+      const cJSON *path = cJSON_GetObjectItemCaseSensitive(e, "path");
+      uint8_t bin[LORA_ID_LEN];
+      if (!cJSON_IsObject(e) || !cJSON_IsString(id) || lora_id_parse(id->valuestring, bin)) {
+        rc = luna_fail(err, LUNA_EINVAL, "\"loras\"[%d]: \"id\" must be a LoRA identity (64 hex digits)", i);
+        break;
+      }
+      if (!cJSON_IsNumber(s) || !isfinite(s->valuedouble)) {
+        rc = luna_fail(err, LUNA_EINVAL, "\"loras\"[%d]: \"strength\" must be a finite number", i);
+        break;
+      }
+      if (path && !cJSON_IsString(path)) {
+        rc = luna_fail(err, LUNA_EINVAL, "\"loras\"[%d]: \"path\" must be a string", i);
+        break;
+      }
+      lcache_entry *ce = lcache_get(bin);
+      if (!ce && path) {
+        char e2[LUNA_ERR_LEN];
+        int r = lcache_load(path->valuestring, bin, &ce, e2);
+        if (r && r != LUNA_ENOTFOUND) {
+          rc = luna_fail(err, r, "\"loras\"[%d]: %s", i, e2);
+          break;
+        }
+      }
+      if (!ce) {
+        int dup = 0;
+        for (const cJSON *m = missing->child; m; m = m->next) dup |= !strcmp(m->valuestring, id->valuestring);
+        if (!dup) {
+          char hex[LORA_ID_HEX];
+          lora_id_hex(bin, hex);
+          cJSON_AddItemToArray(missing, cJSON_CreateString(hex));
+          if (!n_missing++) memcpy(first, hex, sizeof first);
+        }
+        continue;
+      }
+      st->e[st->n] = ce;
+      st->strength[st->n++] = s->valuedouble;
+    }
+  }
+  if (!rc && n_missing)
+    rc = luna_fail(err, LUNA_ENOLORA, "%d LoRA%s of the stack %s not in the daemon's cache: upload %s (first: %s)",
+                   n_missing, n_missing > 1 ? "s" : "", n_missing > 1 ? "are" : "is", n_missing > 1 ? "them" : "it",
+                   first);
+  if (!rc && lexec_stack_key(st)) rc = luna_fail(err, LUNA_ENOMEM, "out of memory");
+  if (rc) lexec_stack_clear(st);
+  return rc;
 }
 
 /* Run encode jobs that share a model and a clip layer as one batch (work.c groups them). */
@@ -224,17 +394,36 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
       r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_L, &rq[i].l, e2);
       if (!r && fam == TE_SDXL) r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_G, &rq[i].g, e2);
     }
+    if (!r) {
+      cJSON *extra = cJSON_CreateObject(), *missing = cJSON_AddArrayToObject(extra, "missing");
+      double t0 = srv_now_ms();
+      r = missing ? loras_for(j, &rq[i].st, missing, e2) : luna_fail(e2, LUNA_ENOMEM, "out of memory");
+      rq[i].resolve_ms = srv_now_ms() - t0;
+      if (r == LUNA_ENOLORA) {
+        frame_build_error_with(j->type, j->request_id, r, e2, extra, &j->reply, &j->reply_len);
+        j->failed = 1;
+        cJSON_Delete(extra);
+        continue;
+      }
+      cJSON_Delete(extra);
+    }
     if (r) {
       reply_error(j, r, e2);
       continue;
     }
     const cJSON *cache = cJSON_GetObjectItemCaseSensitive(j->msg, "cache");
     rq[i].use_cache = srv.cfg.cache_mem && !cJSON_IsFalse(cache);
-    if (rq[i].use_cache)
-      rq[i].key = rcache_key(model_key(m), rq[i].clip_layer, &rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL, &rq[i].key_len);
+    if (rq[i].use_cache) {
+      /* the stack is part of the key: a result never reaches a request with another stack */
+      char *mk = NULL;
+      if (asprintf(&mk, "%s|lora:%s", model_key(m), rq[i].st.key) >= 0) {
+        rq[i].key = rcache_key(mk, rq[i].clip_layer, &rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL, &rq[i].key_len);
+        free(mk);
+      }
+    }
     te_output hit;
     if (rq[i].key && rcache_get(rq[i].key, rq[i].key_len, &hit)) {
-      reply_output(j, fam, &hit, 1, 1);
+      reply_output(j, fam, &hit, 1, 1, NULL, 0);
       te_output_free(&hit);
       continue;
     }
@@ -243,32 +432,45 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
   if (n_ok) {
     te_request *tr = calloc((size_t)n_ok, sizeof *tr);
     te_output *out = calloc((size_t)n_ok, sizeof *out);
+    lexec_stack *st = calloc((size_t)n_ok, sizeof *st);
+    lexec_result *res = calloc((size_t)n_ok, sizeof *res);
     enc_req **who = calloc((size_t)n_ok, sizeof *who);
     int k = 0;
-    for (int i = 0; tr && out && who && i < n; i++)
+    for (int i = 0; tr && out && st && res && who && i < n; i++)
       if (rq[i].ok) {
-        tr[k] = (te_request){&rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL, rq[i].clip_layer};
+        tr[k] = (te_request){&rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL, rq[i].clip_layer, NULL};
+        st[k] = rq[i].st; /* a view: rq keeps ownership */
         who[k++] = &rq[i];
       }
-    int r = !tr || !out || !who ? luna_fail(err, LUNA_ENOMEM, "out of memory")
-                                : te_set_encode_batch(model_set(m), pool, tr, n_ok, out, err);
-    for (int i = 0; i < n_ok && who; i++) {
-      job *j = who[i]->j;
-      if (r) { reply_error(j, r, err); continue; }
-      if (who[i]->key) rcache_put(who[i]->key, who[i]->key_len, &out[i]);
-      reply_output(j, fam, &out[i], 0, n_ok);
-      te_output_free(&out[i]);
+    if (!tr || !out || !st || !res || !who) {
+      for (int i = 0; i < n; i++)
+        if (rq[i].ok) reply_error(rq[i].j, LUNA_ENOMEM, "out of memory");
+    } else {
+      lexec_encode(m, pool, tr, st, n_ok, out, res);
+      for (int i = 0; i < n_ok; i++) {
+        job *j = who[i]->j;
+        if (res[i].rc) {
+          reply_error(j, res[i].rc, res[i].err);
+          continue;
+        }
+        if (who[i]->key) rcache_put(who[i]->key, who[i]->key_len, &out[i]);
+        reply_output(j, fam, &out[i], 0, n_ok, &res[i], who[i]->resolve_ms);
+        te_output_free(&out[i]);
+      }
     }
     free(tr);
     free(out);
+    free(st);
+    free(res);
     free(who);
   }
-  if (m) registry_release(m);
   for (int i = 0; i < n; i++) {
     tok_chunks_free(&rq[i].l);
     tok_chunks_free(&rq[i].g);
     free(rq[i].key);
+    lexec_stack_clear(&rq[i].st);
   }
+  if (m) registry_release(m);
   free(rq);
 }
 
@@ -291,6 +493,7 @@ char *dispatch_batch_key(const job *j) {
 
 void dispatch_run(job *j, ops_pool *pool) {
   if (j->type == LUNA_MSG_MODELS) run_models(j);
+  else if (j->type == LUNA_MSG_LORA) run_lora_upload(j);
   else if (j->type == LUNA_MSG_ENCODE) run_encode_batch(&j, 1, pool);
   else reply_error(j, LUNA_EINTERNAL, "message type not handled by workers");
 }

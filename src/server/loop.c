@@ -244,10 +244,22 @@ static void handle_frame(conn *c, const frame_header *h, const uint8_t *json) {
     return;
   }
   j->deadline_ms = dl > 0 ? j->received_ms + dl : 0;
+  if (h->type == LUNA_MSG_LORA && h->bin_len) { /* an upload: the worker parses it */
+    j->bin = malloc((size_t)h->bin_len);
+    if (!j->bin) {
+      send_error(c, h->type, h->request_id, LUNA_ENOMEM, "out of memory for the upload");
+      cJSON_Delete(msg);
+      free(j);
+      return;
+    }
+    memcpy(j->bin, json + h->json_len, (size_t)h->bin_len);
+    j->bin_len = (size_t)h->bin_len;
+  }
   if (dispatch_inline(c, j)) {
     conn_queue(c, j->reply, j->reply_len);
     atomic_fetch_add(j->failed ? &srv.stats.failed : &srv.stats.served, 1);
     free(j->reply);
+    free(j->bin);
     cJSON_Delete(j->msg);
     free(j);
     return;
@@ -256,6 +268,7 @@ static void handle_frame(conn *c, const frame_header *h, const uint8_t *json) {
   int rc = work_submit(j);
   if (rc) {
     free(j->batch_key);
+    free(j->bin);
     if (rc == LUNA_EBUSY) atomic_fetch_add(&srv.stats.busy, 1);
     send_error(c, h->type, h->request_id, rc,
                rc == LUNA_EBUSY ? "the work queue is full (--max-queue); retry later" : "the daemon is shutting down");
@@ -405,6 +418,7 @@ static void deliver_done(void) {
     }
     free(j->reply);
     free(j->batch_key);
+    free(j->bin);
     cJSON_Delete(j->msg);
     free(j);
     j = next;

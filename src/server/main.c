@@ -83,13 +83,17 @@ int main(int argc, char **argv) {
   if (srv.cfg.token_file && (rc = read_token(srv.cfg.token_file, err))) goto fail_early;
   if (srv.cfg.tokenizer_dir && (rc = tok_vocab_load(srv.cfg.tokenizer_dir, &srv.vocab, err))) goto fail_early;
   if ((rc = registry_init(err))) goto fail_early;
+  if ((rc = lcache_init(err))) goto fail_early;
   if (!srv.cfg.n_models_dirs) log_warn("no --models-dir: clients can name no model");
   if ((rc = work_start(err))) goto fail_early;
   log_info("%d worker(s), %s threads each, OpenBLAS kernels %s, weights kept as %s", srv.cfg.workers,
            srv.cfg.threads_per_worker ? "fixed" : "one per CPU", ops_blas_core(), srv.cfg.weight_f32 ? "fp32" : "fp16");
+  log_info("LoRA mode %s, cache budget %llu MiB, %d LoRA folder(s)", lexec_mode_name(srv.cfg.lora_mode),
+           (unsigned long long)(srv.cfg.lora_cache_mem >> 20), srv.cfg.n_loras_dirs);
   rc = loop_run(err);
   work_stop();
   registry_free();
+  lcache_free();
   rcache_free();
   tok_vocab_free(srv.vocab);
   free(srv.token);
@@ -103,6 +107,7 @@ fail:
 fail_early:
   log_error("%s", err);
   registry_free();
+  lcache_free();
   tok_vocab_free(srv.vocab);
   free(srv.token);
   config_free();

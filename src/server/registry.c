@@ -21,6 +21,7 @@ struct model {
   char *paths[MAX_FILES];         /* resolved absolute paths, in request order */
   int n_paths;
   te_set *set;
+  struct lexec_slot *slot;        /* its LoRA merge slot (lexec.c) */
   model_state state;
   char error[LUNA_ERR_LEN];
   int refs;                       /* requests using it */
@@ -54,6 +55,7 @@ int registry_init(char *err) {
 
 static void model_free(model *m) {
   if (!m) return;
+  lexec_slot_free(m->slot);
   te_set_free(m->set);
   for (int i = 0; i < m->n_paths; i++) free(m->paths[i]);
   free(m->id);
@@ -75,45 +77,51 @@ void registry_free(void) {
   reg.n_dirs = 0;
 }
 
-/* Resolve one client-supplied path: relative, no '..', inside a models folder after
-** following symlinks, a regular file. */
-static int resolve(const char *rel, char **out, struct stat *sb, char *err) {
+/* Resolve one client-supplied path: relative, no '..', inside one of 'dirs' after
+** following symlinks, a regular file. 'what' names the kind of file in messages. */
+int srv_resolve_path(const char *what, char *const *dirs, int n_dirs, const char *flag, const char *rel,
+                     char **out, struct stat *sb, char *err) {
   *out = NULL;
   size_t n = strlen(rel);
-  if (!n || n > 1024) return luna_fail(err, LUNA_EINVAL, "model path is empty or longer than 1024 bytes");
-  if (rel[0] == '/') return luna_fail(err, LUNA_EACCES, "model path '%s' is absolute; name it relative to a models folder", rel);
+  if (!n || n > 1024) return luna_fail(err, LUNA_EINVAL, "%s path is empty or longer than 1024 bytes", what);
+  if (rel[0] == '/')
+    return luna_fail(err, LUNA_EACCES, "%s path '%s' is absolute; name it relative to a %s folder", what, rel, flag);
   for (const char *p = rel; *p;) {
     const char *s = strchr(p, '/');
     size_t len = s ? (size_t)(s - p) : strlen(p);
     if (len == 2 && p[0] == '.' && p[1] == '.')
-      return luna_fail(err, LUNA_EACCES, "model path '%s' contains '..'", rel);
+      return luna_fail(err, LUNA_EACCES, "%s path '%s' contains '..'", what, rel);
     p += len + (s ? 1 : 0);
     if (!s) break;
   }
-  if (!reg.n_dirs) return luna_fail(err, LUNA_ENOTFOUND, "model '%s': this daemon has no --models-dir", rel);
-  for (int i = 0; i < reg.n_dirs; i++) {
+  if (!n_dirs) return luna_fail(err, LUNA_ENOTFOUND, "%s '%s': this daemon has no %s", what, rel, flag);
+  for (int i = 0; i < n_dirs; i++) {
     char joined[PATH_MAX];
-    if ((size_t)snprintf(joined, sizeof joined, "%s/%s", reg.dirs[i], rel) >= sizeof joined) continue;
+    if ((size_t)snprintf(joined, sizeof joined, "%s/%s", dirs[i], rel) >= sizeof joined) continue;
     char *r = realpath(joined, NULL);
     if (!r) continue;
-    /* a symlink may lead into any models folder, but never out of them all */
+    /* a symlink may lead into any of the folders, but never out of them all */
     int inside = 0;
-    for (int k = 0; k < reg.n_dirs && !inside; k++) {
-      size_t dl = strlen(reg.dirs[k]);
-      inside = !strncmp(r, reg.dirs[k], dl) && r[dl] == '/';
+    for (int k = 0; k < n_dirs && !inside; k++) {
+      size_t dl = strlen(dirs[k]);
+      inside = !strncmp(r, dirs[k], dl) && r[dl] == '/';
     }
     if (!inside) {
       free(r);
-      return luna_fail(err, LUNA_EACCES, "model path '%s' resolves outside the models folders", rel);
+      return luna_fail(err, LUNA_EACCES, "%s path '%s' resolves outside the %s folders", what, rel, flag);
     }
     if (stat(r, sb) || !S_ISREG(sb->st_mode)) {
       free(r);
-      return luna_fail(err, LUNA_ENOTFOUND, "model path '%s' is not a regular file", rel);
+      return luna_fail(err, LUNA_ENOTFOUND, "%s path '%s' is not a regular file", what, rel);
     }
     *out = r;
     return 0;
   }
-  return luna_fail(err, LUNA_ENOTFOUND, "model '%s' not found in any models folder", rel);
+  return luna_fail(err, LUNA_ENOTFOUND, "%s '%s' not found in any %s folder", what, rel, flag);
+}
+
+static int resolve(const char *rel, char **out, struct stat *sb, char *err) {
+  return srv_resolve_path("model", reg.dirs, reg.n_dirs, "--models-dir", rel, out, sb, err);
 }
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
@@ -253,6 +261,10 @@ int registry_acquire(const cJSON *spec, model **out, char *err) {
     return rc;
   }
   m = calloc(1, sizeof *m);
+  if (m && !(m->slot = lexec_slot_new())) {
+    free(m);
+    m = NULL;
+  }
   if (!m) {
     pthread_mutex_unlock(&reg.mu);
     identity_free(paths, n, key, id);
@@ -324,6 +336,17 @@ void registry_release(model *m) {
 }
 
 const te_set *model_set(const model *m) { return m->set; }
+struct lexec_slot *model_lora_slot(const model *m) { return m->slot; }
+
+cJSON *registry_checksums(const model *m) {
+  cJSON *o = cJSON_CreateObject();
+  static const char *const names[2] = {"l", "g"};
+  for (int k = 0; k < 2; k++) {
+    const clip_text *e = te_set_encoder(m->set, (clip_kind)k);
+    if (e) cJSON_AddNumberToObject(o, names[k], (double)clip_text_checksum(e));
+  }
+  return o;
+}
 const char *model_id(const model *m) { return m->id; }
 const char *model_key(const model *m) { return m->key; }
 

@@ -52,7 +52,13 @@ typedef struct srv_config {
   double deadline_s;                  /* default per-request deadline (0: none) */
   int weight_f32;                     /* keep weights as fp32 instead of fp16 */
   int log_level;
+  int lora_mode;                      /* SRV_LORA_AUTO, _LOCK or _FUNCTIONAL */
+  const char *loras_dirs[SRV_MAX_DIRS];
+  int n_loras_dirs;
+  uint64_t lora_cache_mem;            /* LoRA cache budget in bytes */
 } srv_config;
+
+enum { SRV_LORA_AUTO = 0, SRV_LORA_LOCK = 1, SRV_LORA_FUNCTIONAL = 2 };
 
 struct conn;
 
@@ -68,6 +74,8 @@ typedef struct job {
   size_t reply_len;
   int failed;                         /* the reply is an error */
   char *batch_key;                    /* encode jobs with equal keys may share a forward pass */
+  uint8_t *bin;                       /* the frame's binary part (LoRA uploads only), owned */
+  size_t bin_len;
   struct job *next;
 } job;
 
@@ -138,6 +146,66 @@ int registry_unload(const cJSON *spec, char *err);
 ** a model is loading. */
 cJSON *registry_describe(int *all_ready);
 uint64_t registry_weight_bytes(void);
+
+/* srv_resolve_path resolves a client-supplied relative path inside one of 'dirs' (the
+** realpaths of the folders given with 'flag'): no absolute paths, no '..', symlinks
+** may not lead out of the folders, a regular file. '*out' is malloc'd. */
+struct stat;
+int srv_resolve_path(const char *what, char *const *dirs, int n_dirs, const char *flag, const char *rel,
+                     char **out, struct stat *sb, char *err);
+/* The model's LoRA merge slot (lexec.c), created with the model. */
+struct lexec_slot *model_lora_slot(const model *m);
+/* registry_checksums: a JSON object {"l": crc32, "g": crc32} of the model's weights as held in memory. */
+cJSON *registry_checksums(const model *m);
+
+/* lcache.c -- the content-addressed LoRA cache (lcache_) */
+#include "lora/lora.h"
+typedef struct lcache_entry lcache_entry;
+int lcache_init(char *err);
+void lcache_free(void);
+/* lcache_get returns the entry of 'id' with a reference held, or NULL (a miss). */
+lcache_entry *lcache_get(const uint8_t id[LORA_ID_LEN]);
+/* lcache_load reads 'rel' from --loras-dir; its identity must be 'id'. On success the
+** entry is held. LUNA_ENOTFOUND when there is no such file or it is another LoRA. */
+int lcache_load(const char *rel, const uint8_t id[LORA_ID_LEN], lcache_entry **out, char *err);
+/* lcache_put parses an uploaded image; 'claimed' must be its identity. Returns the held entry. */
+int lcache_put(const uint8_t *buf, size_t len, const uint8_t claimed[LORA_ID_LEN], lcache_entry **out, char *err);
+void lcache_release(lcache_entry *e);
+const lora_file *lcache_file(const lcache_entry *e);
+/* evict (deferred while in use), pin and unpin by id: LUNA_ENOTFOUND when unknown */
+int lcache_evict(const uint8_t id[LORA_ID_LEN], int *deferred);
+int lcache_pin(const uint8_t id[LORA_ID_LEN], int pin);
+cJSON *lcache_list(void);
+cJSON *lcache_describe(void);             /* counters for status */
+
+/* lexec.c -- LoRA execution modes: lock, functional, auto (lexec_) */
+#include "lora/lora_plan.h"
+#define LEXEC_MAX_STACK 16
+/* A request's LoRA stack, resolved to held cache entries, in stack order. */
+typedef struct lexec_stack {
+  lcache_entry *e[LEXEC_MAX_STACK];
+  double strength[LEXEC_MAX_STACK];
+  int n;
+  char *key;            /* canonical "id:strength;..." ("" without LoRA), malloc'd */
+} lexec_stack;
+/* lexec_stack_key fills 'key' from the entries; LUNA_ENOMEM on failure. */
+int lexec_stack_key(lexec_stack *s);
+void lexec_stack_clear(lexec_stack *s);   /* releases the entries, frees the key */
+/* What became of one request. */
+typedef struct lexec_result {
+  int rc;
+  char err[LUNA_ERR_LEN];
+  const char *mode;     /* "lock", "functional" or "merged"; NULL without LoRA */
+  lora_report rep;
+} lexec_result;
+/* lexec_encode runs 'n' encode requests of model 'm' (their tokens in 'tr', their stacks
+** in 'st') in the daemon's --lora-mode and fills out[i] and res[i] for each. */
+void lexec_encode(model *m, struct ops_pool *pool, const te_request *tr, const lexec_stack *st, int n,
+                  te_output *out, lexec_result *res);
+struct lexec_slot *lexec_slot_new(void);
+void lexec_slot_free(struct lexec_slot *s);
+const char *lexec_mode_name(int mode);
+cJSON *lexec_describe(void);              /* counters for status */
 
 /* cache.c -- the result cache (rcache_) */
 /* rcache_key returns the malloc'd exact key of an encode, or NULL when out of memory. */

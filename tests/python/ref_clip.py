@@ -16,7 +16,11 @@ cond = cat([L, G], -1); pooled = G's projected pooled output.
 
 CLI:
   ref_clip.py --model F [--model F2] --tokens T.json [--clip-layer -N]
-              --out OUT.safetensors [--threads N] [--bench N]
+              [--lora FILE:STRENGTH ...] --out OUT.safetensors [--threads N] [--bench N]
+
+--lora (repeatable, split at the last colon) applies a LoRA stack in the given order
+through ref_lora.apply_stack after loading (family sdxl when a CLIP-G is loaded, else
+sd1): merged in fp32, never re-rounded to fp16 (NUMERICS 7.5).
 """
 
 import argparse
@@ -275,11 +279,30 @@ def load_tokens(tokens_json):
         return json.load(f)
 
 
-def encode(model_paths, tokens_json, clip_layer=None):
-    """encode(paths, tokens (JSON path or dict), clip_layer=None) -> (cond, pooled)."""
+def apply_loras(enc, loras):
+    """Encoders with the LoRA stack [(path, strength), ...] applied (ref_lora.py)."""
+    if not loras:
+        return enc
+    import ref_lora  # only needed with LoRAs
+    return ref_lora.apply_stack(enc, [(str(p), float(s)) for p, s in loras],
+                                "sdxl" if enc["g"] is not None else "sd1")
+
+
+def parse_lora_arg(arg):
+    """'FILE:STRENGTH' -> (FILE, float), split at the last colon."""
+    path, sep, strength = arg.rpartition(":")
+    if not sep or not path:
+        raise ValueError("--lora wants FILE:STRENGTH, not %r" % arg)
+    return path, float(strength)
+
+
+def encode(model_paths, tokens_json, clip_layer=None, loras=None):
+    """encode(paths, tokens (JSON path or dict), clip_layer=None, loras=None) -> (cond, pooled).
+    loras: optional [(path, strength), ...] applied in order."""
     if isinstance(model_paths, (str, os.PathLike)):
         model_paths = [model_paths]
-    return encode_loaded(load([str(p) for p in model_paths]), load_tokens(tokens_json), clip_layer)
+    enc = apply_loras(load([str(p) for p in model_paths]), loras)
+    return encode_loaded(enc, load_tokens(tokens_json), clip_layer)
 
 
 def main(argv=None):
@@ -287,13 +310,19 @@ def main(argv=None):
     ap.add_argument("--model", action="append", required=True)
     ap.add_argument("--tokens", required=True)
     ap.add_argument("--clip-layer", type=int, default=None)
+    ap.add_argument("--lora", action="append", default=[], metavar="FILE:STRENGTH",
+                    help="apply a LoRA (repeatable, in stack order)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--bench", type=int, default=0)
     a = ap.parse_args(argv)
+    try:
+        loras = [parse_lora_arg(x) for x in a.lora]
+    except ValueError as e:
+        ap.error(str(e))
     if a.threads:
         torch.set_num_threads(a.threads)
-    enc = load(a.model)
+    enc = apply_loras(load(a.model), loras)
     tokens = load_tokens(a.tokens)
     cond, pooled = encode_loaded(enc, tokens, a.clip_layer)
     if a.bench > 0:

@@ -545,7 +545,7 @@ def test_c_library_against_fake(fake, tmp_path, kind):
         flags += ["-fsanitize=address,undefined"]
     src = str(Path(__file__).with_name("client_smoke.c"))
     if kind == "static":
-        cmd = [cc] + flags + [src, str(lib), "-lcjson", "-lm", "-o", str(exe)]
+        cmd = [cc] + flags + [src, str(lib), "-lcjson", "-lnettle", "-lm", "-o", str(exe)]
     else:
         cmd = [cc] + flags + [src, "-L", str(lib.parent), "-lluna", "-Wl,-rpath," + str(lib.parent), "-o", str(exe)]
     b = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
