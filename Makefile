@@ -1,6 +1,6 @@
 # Makefile -- builds luna into build/ (build/san/ with SAN=1) and runs its tests.
 #   make            build everything          make run    encode on the demo model
-#   make test       C unit tests + pytest     make bench  luna against PyTorch, full size
+#   make test       C unit tests + pytest     make bench  luna against PyTorch, full size (and LoRA modes)
 #   make fuzz       libFuzzer targets, FUZZ_SECONDS each
 #   SAN=1           AddressSanitizer + UndefinedBehaviorSanitizer build
 
@@ -139,6 +139,7 @@ bench: deps
 	@$(MAKE) --no-print-directory SAN=0 all
 	LUNA_BUILD=build $(PYTHON) bench/bench.py
 	LUNA_BUILD=build $(PYTHON) bench/bench_daemon.py
+	LUNA_BUILD=build $(PYTHON) bench/bench_lora.py
 
 FUZZ_SRC := $(sort $(wildcard fuzz/fuzz-*.c))
 FUZZ_BIN := $(FUZZ_SRC:fuzz/%.c=build/fuzz/%)

@@ -21,6 +21,7 @@ no pass/fail):
 """
 
 import argparse
+import mmap
 import os
 import statistics
 import sys
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 import bench  # noqa: E402
 import make_loras  # noqa: E402
+import make_models  # noqa: E402
 from bench_daemon import prompt_tokens  # noqa: E402
 from daemon import Lunad  # noqa: E402
 from lunaclient import LunaError, proto  # noqa: E402
@@ -137,6 +139,50 @@ def bench_throughput(bdir, clip_l, loras, duration, rounds):
     return {k: bench.median(v) for k, v in rates.items()}, modes, status, errors
 
 
+def read_direct_ms(path):
+    """Milliseconds to read 'path' from the device, bypassing the page cache (O_DIRECT)."""
+    size = os.path.getsize(path)
+    buf = mmap.mmap(-1, (size + 4095) // 4096 * 4096)  # page-aligned, as O_DIRECT needs
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        t = time.perf_counter()
+        got = os.readv(fd, [buf])
+        ms = (time.perf_counter() - t) * 1e3
+    finally:
+        os.close(fd)
+        buf.close()
+    return ms if got >= size else None
+
+
+def bench_tiny_hit(bdir, runs):
+    """The whole cost of a cached LoRA seen from a client, on a model so small that the
+    encode takes about a millisecond: round trips with a strength-0 LoRA (cache hit, no
+    arithmetic) against none, interleaved."""
+    tiny = bdir / "tiny-l.safetensors"
+    lora = bdir / "tiny-lora.safetensors"
+    if not tiny.exists():
+        make_models.write_model(str(tiny), "clip_l", "F16", 0, width=64, layers=2)
+    if not lora.exists():
+        make_loras.write_lora(str(lora), "kohya", "sd1", width=64, layers=2, rank=4, seed=1)
+    d = Lunad(models_dirs=[bdir], extra=["--cache-mem", "0"]).start()
+    try:
+        with d.client() as c:
+            tok = prompt_tokens(np.random.default_rng(4))
+            c.encode(tiny.name, tokens=tok, cache=False, loras=[(str(lora), 0.0)])
+            t_none, t_zero = [], []
+            for _ in range(runs):
+                t = time.perf_counter()
+                c.encode(tiny.name, tokens=tok, cache=False)
+                t_none.append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter()
+                c.encode(tiny.name, tokens=tok, cache=False, loras=[(str(lora), 0.0)])
+                t_zero.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(t_none), statistics.median(t_zero)
+    finally:
+        d.stop()
+        d.close()
+
+
 def bench_hit_and_miss(bdir, clip_l, loras, runs):
     """Hit: resolve_ms and the strength-0 round trip against no LoRA. Miss: a load from
     --loras-dir and an upload, against reading the file."""
@@ -161,9 +207,10 @@ def bench_hit_and_miss(bdir, clip_l, loras, runs):
             res["none_ms"], res["zero_ms"] = statistics.median(t_none), statistics.median(t_zero)
             res["resolve_hit_ms"] = statistics.median(resolve)
             # misses: each LoRA loaded from --loras-dir (evicted between runs), then uploaded
-            load, upload, read = [], [], []
+            load, upload, read, direct = [], [], [], []
             for p in loras[1:]:
                 ident = lora_identity(str(p))
+                direct.append(read_direct_ms(p))
                 t = time.perf_counter()
                 data = Path(p).read_bytes()
                 read.append((time.perf_counter() - t) * 1e3)
@@ -177,6 +224,8 @@ def bench_hit_and_miss(bdir, clip_l, loras, runs):
                 c.lora_evict(ident)
             res["load_ms"], res["upload_parse_ms"] = statistics.median(load), statistics.median(upload)
             res["read_ms"] = statistics.median(read)
+            direct = [x for x in direct if x is not None]
+            res["direct_ms"] = statistics.median(direct) if direct else None
             res["file_mib"] = Path(loras[1]).stat().st_size / 2**20
             res["cache_entry_mib"] = c.lora_upload(str(loras[1]))["bytes"] / 2**20
     except LunaError as e:
@@ -248,8 +297,14 @@ def main(argv=None):
           % fmt(hm.get("load_ms"), "%.1f"))
     print("| miss: lunad parses an upload (SHA-256, fp32 factors; the transfer not counted) | %s |"
           % fmt(hm.get("upload_parse_ms"), "%.1f"))
-    print("| reading the %s MiB file (page cache, Python read_bytes) | %s |"
+    print("| reading the %s MiB file from the disk (O_DIRECT, no page cache) | %s |"
+          % (fmt(hm.get("file_mib"), "%.1f"), fmt(hm.get("direct_ms"), "%.1f")))
+    print("| reading the %s MiB file from the page cache (Python read_bytes) | %s |"
           % (fmt(hm.get("file_mib"), "%.1f"), fmt(hm.get("read_ms"), "%.1f")))
+    tn, tz = bench_tiny_hit(bench.build_dir() / "bench", 10 * a.runs)
+    print("| tiny model (64 wide, 2 layers), round trip, no LoRA | %s |" % fmt(tn, "%.3f"))
+    print("| tiny model, round trip, a cached LoRA at strength 0: the whole cost of a hit | %s (+%s) |"
+          % (fmt(tz, "%.3f"), fmt(tz - tn, "%.3f")))
     print()
     print("A cached entry holds %s MiB (fp32 factors)." % fmt(hm.get("cache_entry_mib"), "%.1f"))
     if errors:

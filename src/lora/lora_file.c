@@ -16,6 +16,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -539,9 +540,25 @@ static int same_prefix(const st_file *st, const target *a, const target *b) {
   return a->plen == b->plen && !memcmp(st->tensors[a->ti].name, st->tensors[b->ti].name, a->plen);
 }
 
+/* The identity is hashed on a second thread while the factors are converted: a miss
+** then costs about as much as reading the file. */
+typedef struct id_job {
+  const st_file *st;
+  uint8_t id[LORA_ID_LEN];
+} id_job;
+
+static void *hash_thread(void *arg) {
+  id_job *j = arg;
+  lora_identity(j->st, j->id);
+  return NULL;
+}
+
 static int build(const st_file *st, const char *label, lora_file **out, char *err) {
   *out = NULL;
   int rc = 0;
+  id_job idj = {st, {0}};
+  pthread_t hasher;
+  int threaded = !pthread_create(&hasher, NULL, hash_thread, &idj);
   size_t n_tg = 0;
   lora_file *f = calloc(1, sizeof *f);
   target *tg = calloc(st->n_tensors ? st->n_tensors : 1, sizeof *tg);
@@ -599,9 +616,13 @@ static int build(const st_file *st, const char *label, lora_file **out, char *er
     }
     f->n_unmapped++;
   }
-  lora_identity(st, f->id);
-  lora_id_hex(f->id, f->id_hex);
 done:
+  if (threaded) pthread_join(hasher, NULL);
+  else hash_thread(&idj);
+  if (!rc) {
+    memcpy(f->id, idj.id, LORA_ID_LEN);
+    lora_id_hex(f->id, f->id_hex);
+  }
   free(tg);
   free(c.used);
   if (rc) lora_file_free(f);

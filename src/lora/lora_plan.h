@@ -35,6 +35,11 @@ typedef struct lora_plan lora_plan;
 ** is the merge); FUNCTIONAL only arranges pointers. */
 int lora_plan_build(const te_set *s, const lora_ref *stack, int n, lora_plan_mode mode,
                     lora_plan **out, lora_report *rep, char *err);
+/* lora_plan_build_reusing is lora_plan_build (MERGED) taking its fp32 buffers from 'old'
+** (a merged plan about to be dropped, or NULL) where the sizes match: switching stacks
+** then touches no fresh pages. 'old' must still be freed; its taken buffers are gone. */
+int lora_plan_build_reusing(const te_set *s, const lora_ref *stack, int n, lora_plan *old,
+                            lora_plan **out, lora_report *rep, char *err);
 void lora_plan_free(lora_plan *p);
 /* Bytes the plan holds (merged copies). */
 size_t lora_plan_bytes(const lora_plan *p);

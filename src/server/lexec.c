@@ -115,15 +115,16 @@ void lexec_slot_free(struct lexec_slot *s) {
   free(s);
 }
 
-/* Merge 'st' on 'set' into a new slot entry (the merge). */
-static int merge(const te_set *set, const lexec_stack *st, merged **out, char *err) {
+/* Merge 'st' on 'set' into a new slot entry (the merge), taking buffers from 'old' (an
+** entry about to be dropped, or NULL). */
+static int merge(const te_set *set, const lexec_stack *st, merged *old, merged **out, char *err) {
   *out = merged_new(st->key);
   if (!*out) return luna_fail(err, LUNA_ENOMEM, "out of memory");
   if (!st->n) return 0;
   lora_ref refs[LEXEC_MAX_STACK];
   for (int i = 0; i < st->n; i++) refs[i] = (lora_ref){lcache_file(st->e[i]), st->strength[i]};
   double t0 = srv_now_ms();
-  int rc = lora_plan_build(set, refs, st->n, LORA_PLAN_MERGED, &(*out)->plan, &(*out)->rep, err);
+  int rc = lora_plan_build_reusing(set, refs, st->n, old ? old->plan : NULL, &(*out)->plan, &(*out)->rep, err);
   double dt = srv_now_ms() - t0;
   if (rc) {
     merged_free(*out, 0);
@@ -156,14 +157,15 @@ static int acquire_lock(struct lexec_slot *s, const te_set *set, const lexec_sta
     pthread_mutex_unlock(&X.mu);
   }
   if (strcmp(s->cur->key, st->key)) {
-    /* restore, then merge, with the model locked (nobody else may use the slot) */
-    merged_free(s->cur, 1);
+    /* restore and merge with the model locked (nobody else may use the slot); the new
+    ** merge reuses the old one's buffers, then the old one is dropped */
+    merged *old = s->cur, *g;
     s->cur = NULL;
-    merged *g;
-    rc = merge(set, st, &g, err);
+    rc = merge(set, st, old, &g, err);
+    merged_free(old, 1);
     if (rc) {
       lexec_stack base = {.key = ""};
-      merge(set, &base, &g, NULL); /* back to the base: cannot fail but for memory */
+      merge(set, &base, NULL, &g, NULL); /* back to the base: cannot fail but for memory */
     }
     s->cur = g;
   }
@@ -189,7 +191,7 @@ static int acquire_auto(struct lexec_slot *s, const te_set *set, const lexec_sta
   }
   pthread_mutex_unlock(&s->mu);
   merged *g;
-  int rc = merge(set, st, &g, err);
+  int rc = merge(set, st, NULL, &g, err);
   if (rc) return rc;
   merged *old = NULL;
   pthread_mutex_lock(&s->mu);
