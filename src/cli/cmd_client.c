@@ -262,13 +262,15 @@ int cmd_status(const cmd_target *t, int argc, char **argv) {
 
 static void models_usage(FILE *f) {
   fprintf(f, "usage: luna [--socket PATH | --connect HOST:PORT --token-file F] models\n"
-             "            [list | load REL [REL...] | unload REL [REL...]]\n"
+             "            [list | load REL [REL...] | unload REL [REL...] | verify REL [REL...]]\n"
              "\n"
              "  list (default)   print the models lunad has, with their state and memory\n"
              "  load REL...      load one model and wait until it is ready (or failed); several\n"
              "                   paths name one model made of several files (a clip_l and a\n"
              "                   clip_g), as several --model options do for encode\n"
              "  unload REL...    unload that model (once its last request finishes)\n"
+             "  verify REL...    the CRC-32 of each encoder's weights as lunad holds them (equal to\n"
+             "                   the file's for F16 files: proof that no LoRA changed them)\n"
              "\n"
              "REL paths are relative to one of lunad's --models-dir folders. The reply is printed\n"
              "as JSON.\n"
@@ -283,14 +285,14 @@ int cmd_models(const cmd_target *t, int argc, char **argv) {
   if (rc >= 0) return rc;
   const char *action = optind < argc ? argv[optind++] : "list";
   int n = argc - optind;
-  if (strcmp(action, "list") && strcmp(action, "load") && strcmp(action, "unload")) {
-    fprintf(stderr, "luna models: unknown action '%s' (list, load or unload)\n", action);
+  if (strcmp(action, "list") && strcmp(action, "load") && strcmp(action, "unload") && strcmp(action, "verify")) {
+    fprintf(stderr, "luna models: unknown action '%s' (list, load, unload or verify)\n", action);
     models_usage(stderr);
     return 2;
   }
   if (!strcmp(action, "list") ? n != 0 : (n < 1 || n > 4)) {
     fprintf(stderr, "luna models: %s\n", !strcmp(action, "list") ? "'list' takes no arguments"
-                                                                  : "load and unload take 1 to 4 model paths");
+                                                                  : "load, unload and verify take 1 to 4 model paths");
     return 2;
   }
   cJSON *m = cJSON_CreateObject();

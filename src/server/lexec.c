@@ -43,6 +43,7 @@ struct lexec_slot {
   pthread_mutex_t mu;
   pthread_cond_t cv;
   merged *cur;
+  uint64_t next_ticket, serving; /* lock mode: requests take the slot in arrival order */
   uint64_t recent[RECENT];  /* hashes of the last LoRA stacks run (auto mode) */
   int n_recent, pos;
 };
@@ -140,16 +141,20 @@ static int merge(const te_set *set, const lexec_stack *st, merged *old, merged *
   return 0;
 }
 
-/* lock mode: wait until the slot holds 'st' or nobody uses it, switch, hold it. */
+/* lock mode: wait for our turn (arrival order, so no stack starves) and until the slot
+** holds 'st' or nobody uses it; switch; hold it. Consecutive requests with the slot's
+** stack pass together. */
 static int acquire_lock(struct lexec_slot *s, const te_set *set, const lexec_stack *st, merged **out, char *err) {
   int rc = 0;
   pthread_mutex_lock(&s->mu);
   double t0 = srv_now_ms();
   int waited = 0;
-  while (s->cur->users > 0 && strcmp(s->cur->key, st->key)) {
+  uint64_t ticket = s->next_ticket++;
+  while (s->serving != ticket || (s->cur->users > 0 && strcmp(s->cur->key, st->key))) {
     waited = 1;
     pthread_cond_wait(&s->cv, &s->mu);
   }
+  s->serving++;
   if (waited) {
     pthread_mutex_lock(&X.mu);
     X.waits++;
@@ -176,7 +181,7 @@ static int acquire_lock(struct lexec_slot *s, const te_set *set, const lexec_sta
     rc = rc ? rc : luna_fail(err, LUNA_ENOMEM, "out of memory");
   }
   pthread_mutex_unlock(&s->mu);
-  if (rc) pthread_cond_broadcast(&s->cv);
+  pthread_cond_broadcast(&s->cv); /* the next ticket may pass now */
   return rc;
 }
 
