@@ -53,8 +53,9 @@ $(BUILD)/libluna-internal.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
+# libpng only for the CLI (luna decode / encode-image): lunad and libluna do not need it
 $(BUILD)/luna: $(CLI_OBJ) $(BUILD)/libluna-internal.a
-	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) -lpng
 
 # ---- Client library: libluna.a and libluna.so (src/client/, API in include/luna.h) ----
 # The client with the parts of luna it uses: the frame codec, status names, UTF-8 and

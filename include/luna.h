@@ -127,7 +127,8 @@ LUNA_API int luna_client_ping(luna_client *c);
 ** NULL sends {}), and waits for the reply. On success, when 'reply_json' is not NULL,
 ** '*reply_json' receives the reply's JSON part as a NUL-terminated string that the
 ** caller frees with luna_free (a binary part, if any, is discarded; use
-** luna_client_encode for encodes). On failure '*reply_json' is NULL.
+** luna_client_encode for encodes; progress frames before the reply are skipped). On
+** failure '*reply_json' is NULL.
 */
 LUNA_API int luna_client_call_json(luna_client *c, int type, const char *json, char **reply_json);
 
@@ -235,6 +236,81 @@ LUNA_API int luna_lora_identity(const char *path, char id_hex[65]);
 ** ...). Uploading a LoRA that lunad already has is harmless.
 */
 LUNA_API int luna_client_lora_upload(luna_client *c, const char *path, char id_hex[65]);
+
+/*
+** ---------------------------------------------------------------------------------
+** The VAE (docs/PROTOCOL.md, "8 vae_decode" and "9 vae_encode"): ComfyUI's VAEDecode /
+** VAEEncode and their tiled forms, run by lunad on a checkpoint's VAE or a VAE file.
+*/
+
+/* Tiling of a VAE request (luna_vae_args.tiled). */
+#define LUNA_TILED_AUTO 0 /* lunad decides: tiled when untiled work would exceed its --vae-max-mem */
+#define LUNA_TILED_ON 1   /* always tiled (VAEDecodeTiled / VAEEncodeTiled) */
+#define LUNA_TILED_OFF 2  /* never tiled */
+
+/*
+** A progress callback: 'fraction' is the share of the work done, 0 to 1, as lunad
+** reports it between blocks of the network. It runs on the calling thread, inside the
+** luna_client_vae_* call, while the reply is awaited; it must not call into the same
+** handle.
+*/
+typedef void (*luna_progress_fn)(void *ud, double fraction);
+
+/*
+** A VAE request. Zero-initialise it and fill in:
+**   model        a path relative to lunad's models folders: a checkpoint (its
+**                first_stage_model) or a VAE file
+**   tiled        LUNA_TILED_AUTO (0, the default), LUNA_TILED_ON or LUNA_TILED_OFF
+**   tile         tile size in pixels; 0: lunad's default, 512 (ComfyUI's)
+**   overlap      overlap between tiles in pixels, smaller than the tile; 0: lunad's
+**                default, 64 (ComfyUI's). Both only matter when the work is tiled
+**   progress     called with lunad's progress reports; NULL: none are asked for
+**   progress_ud  passed to 'progress' as it is
+**   deadline_ms  drop the request if its work has not started within this many ms; 0: none
+*/
+typedef struct luna_vae_args {
+  const char *model;
+  int tiled;
+  int tile, overlap;
+  luna_progress_fn progress;
+  void *progress_ud;
+  int deadline_ms;
+} luna_vae_args;
+
+/*
+** A float tensor returned by the library: 'n_dims' dimensions in shape[0..n_dims-1]
+** (outermost first), the values row-major in 'data', which the tensor owns (free it
+** with luna_tensor_free).
+*/
+typedef struct luna_tensor {
+  float *data;
+  int64_t shape[4];
+  int n_dims;
+} luna_tensor;
+
+/*
+** luna_client_vae_decode decodes the latent 'latent' (F32 [B, C, h, w], row-major, as
+** ComfyUI passes it to VAEDecode: not scaled) on lunad into '*image': F32
+** [B, 8h, 8w, 3] with values in [0, 1], ComfyUI's IMAGE layout.
+**
+** luna_client_vae_encode encodes 'pixels' (F32 [B, H, W, 3], values in [0, 1]) into
+** '*latent': F32 [B, C, H/8, W/8], the posterior mean, after ComfyUI's centered crop of
+** H and W to multiples of 8 (C is the VAE's latent channels: 4, or 16 for SD3/Flux).
+**
+** Both overwrite the result without freeing it (free a previous one first) and leave
+** it empty (data NULL) on failure. While lunad works, 'a'->progress (when set) is
+** called with each progress report; the call returns once the final reply arrived. A
+** request lunad refuses (ENOTFOUND, ESHAPE for a latent of the wrong channel count,
+** EINVAL for non-finite values, ETOOBIG for a request over its --max-frame, ...) comes
+** back as its status. A reply whose tensor is not F32 of the expected shape is EPROTO.
+*/
+LUNA_API int luna_client_vae_decode(luna_client *c, const luna_vae_args *a, const float *latent, int64_t B,
+                                    int64_t C, int64_t h, int64_t w, luna_tensor *image);
+LUNA_API int luna_client_vae_encode(luna_client *c, const luna_vae_args *a, const float *pixels, int64_t B,
+                                    int64_t H, int64_t W, luna_tensor *latent);
+
+/* luna_tensor_free frees the tensor's data and empties it; NULL is a no-op. */
+LUNA_API void luna_tensor_free(luna_tensor *t);
 
 /* luna_free frees memory that this library returned (luna_client_call_json's reply). */
 LUNA_API void luna_free(void *p);

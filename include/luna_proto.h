@@ -41,10 +41,13 @@
 #define LUNA_MSG_MODELS 5  /* list, load, unload */
 #define LUNA_MSG_ENCODE 6  /* text encoders: tokens or text in, cond and pooled out */
 #define LUNA_MSG_LORA 7    /* LoRA cache: upload, list, evict, pin, unpin */
+#define LUNA_MSG_VAE_DECODE 8 /* VAE: latent in, image out */
+#define LUNA_MSG_VAE_ENCODE 9 /* VAE: image in, latent (posterior mean) out */
 
 /* Flags. */
 #define LUNA_FLAG_REPLY 0x1u /* set on every frame the daemon sends */
 #define LUNA_FLAG_ERROR 0x2u /* the reply reports a failure */
+#define LUNA_FLAG_PROGRESS 0x4u /* a non-final reply: {"progress": fraction} of a long request */
 
 /* Default limits of lunad. */
 #define LUNA_DEFAULT_MAX_FRAME (64u << 20) /* 64 MiB */

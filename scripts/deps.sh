@@ -12,6 +12,7 @@ PKGS=(
   libcmocka-dev                       # C unit-test framework
   nettle-dev                          # SHA-256: the content identity of LoRA files
   zlib1g-dev                          # CRC-32 of the shared weights (models verify)
+  libpng-dev                          # PNG in and out for luna decode / encode-image
   clang libclang-rt-14-dev            # libFuzzer targets (make fuzz)
   python3 python3-numpy python3-torch # the independent PyTorch reference
   python3-pytest python3-regex        # Python tests; \p{L} regexes for the reference tokenizer

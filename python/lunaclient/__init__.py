@@ -1,6 +1,6 @@
 """lunaclient -- a Python client for lunad, luna's text-encoder daemon.
 
-lunad loads Stable Diffusion text encoders once and serves encode requests to many
+lunad loads Stable Diffusion text encoders (and VAEs) once and serves requests to many
 processes over a Unix socket (or TCP with a token). This package speaks its wire
 protocol (docs/PROTOCOL.md) with nothing but the standard library and numpy:
 
@@ -10,6 +10,9 @@ protocol (docs/PROTOCOL.md) with nothing but the standard library and numpy:
 
 Failures raise LunaError(code, name, message), code being a luna status number
 (include/luna.h); lunad's own errors keep its code and message.
+
+VAE: c.vae_decode("sdxl.safetensors", latent) -> (image [B, 8h, 8w, 3], info), and
+c.vae_encode(model, pixels) -> (latent [B, C, H/8, W/8], info), with progress=callable.
 
 LoRAs: c.encode(..., loras=[("style.safetensors", 0.8)]) applies a LoRA stack to the
 text encoders, uploading files lunad lacks; lora_identity(path) is a file's identity as

@@ -13,6 +13,10 @@ is set in 'flags' and 'msg' holds {"code", "name", "message"}).
 A Client is not thread-safe: use it from one thread at a time. After a failure of the
 connection itself (LunaError ECONN or a broken frame) the client is closed.
 
+VAE: vae_decode(model, latent) and vae_encode(model, pixels) take and return numpy
+arrays; their 'progress' callback gets lunad's progress frames (flags REPLY|PROGRESS),
+which recv() never returns as replies (send(..., progress=fn) routes them per request).
+
 LoRA stacks: encode(..., loras=[("style.safetensors", 0.8), ...]) names each LoRA by its
 identity (lora.lora_identity, remembered per file while its size and mtime stay), and
 when lunad answers ENOLORA uploads the files it lacks and asks again (at most
@@ -25,6 +29,8 @@ import math
 import os
 import socket
 import time
+
+import numpy as np
 
 from . import lora as _lora
 from . import proto
@@ -100,6 +106,8 @@ class Client:
         self.max_reply = max_reply
         self._next_id = 1
         self._stash = collections.OrderedDict()  # replies that call() read for others
+        self._pending = set()     # ids sent whose final reply has not been read
+        self._progress = {}       # request id -> callable(fraction), for progress frames
         self._lora_ids = {}  # path -> (stat key, identity)
 
     # ---- connecting -------------------------------------------------------------
@@ -165,20 +173,27 @@ class Client:
         self.close()
         return LunaError(code, message="%s: %s" % (self.peer, message))
 
-    def send(self, type, msg=None, tensors=None, raw=None):
+    def send(self, type, msg=None, tensors=None, raw=None, progress=None):
         """Send one request of message 'type' (proto.MSG_*) with the JSON object 'msg'
         and optional tensors (dict name -> numpy array), or 'raw' bytes sent as the
-        binary part as they are (no "tensors" description); return its request id."""
+        binary part as they are (no "tensors" description); return its request id.
+        'progress': a callable(fraction) that receives this request's progress frames
+        (VAE work whose 'msg' has "progress": true) until its reply is read."""
         if self._sock is None:
             raise LunaError(proto.ECONN, message="%s: not connected" % self.peer)
         if raw is not None and tensors:
             raise LunaError(proto.EINVAL, message="send tensors or a raw binary part, not both")
+        if progress is not None and not callable(progress):
+            raise LunaError(proto.EINVAL, message="progress is a callable(fraction), not %s" % type_name(progress))
         rid = self._next_id
         self._next_id += 1
         if raw is None:
             frame, rest = proto.encode_frame(type, 0, rid, msg, tensors), None
         else:
             frame, rest = proto.encode_frame_head(type, 0, rid, msg, len(raw)), raw
+        self._pending.add(rid)
+        if progress is not None:
+            self._progress[rid] = progress
         try:
             self._sock.sendall(frame)
             if rest:
@@ -220,12 +235,22 @@ class Client:
     def recv(self):
         """Read the next reply: (request_id, flags, msg, tensors). An error reply is
         returned, not raised (flags & proto.FLAG_ERROR); use proto.error_from_reply(msg).
-        Raises LunaError when the connection fails or the frame is malformed."""
+        Progress frames are never returned: they go to the callback given to send()
+        for their request (or are dropped). Raises LunaError when the connection fails
+        or the frame is malformed."""
         if self._stash:
             return self._stash.popitem(last=False)[1]
         return self._recv_wire()
 
     def _recv_wire(self):
+        while True:
+            r = self._recv_frame()
+            if r is not None:
+                return r
+
+    def _recv_frame(self):
+        """Read one frame: a reply as recv() returns it, or None after a progress frame
+        (handed to its request's callback)."""
         if self._sock is None:
             raise LunaError(proto.ECONN, message="%s: not connected" % self.peer)
         head = self._read_exact(proto.HEADER_SIZE, "header")
@@ -235,7 +260,12 @@ class Client:
             raise self._broken(proto.EPROTO, "reply %s" % e.message) from None
         if not h.flags & proto.FLAG_REPLY:
             raise self._broken(proto.EPROTO, "a frame without the REPLY flag came back (flags 0x%x)" % h.flags)
+        if h.flags & proto.FLAG_PROGRESS:
+            self._take_progress(h)
+            return None
         body = self._read_exact(h.json_len + h.bin_len, "JSON and binary parts")
+        self._pending.discard(h.request_id)
+        self._progress.pop(h.request_id, None)
         mv = memoryview(body)
         try:
             msg = proto.parse_json(mv[:h.json_len])
@@ -245,11 +275,41 @@ class Client:
                 from None
         return h.request_id, h.flags, msg, tensors
 
-    def call(self, type, msg=None, tensors=None, raw=None):
+    def _take_progress(self, h):
+        """A progress frame (header 'h'): {"progress": fraction} for a request in flight,
+        with no binary part. Anything else breaks the connection (EPROTO): that
+        request's reply is still to come and could not be told apart."""
+        if h.flags & proto.FLAG_ERROR:
+            raise self._broken(proto.EPROTO, "a progress frame with the ERROR flag came back (flags 0x%x)" % h.flags)
+        if h.request_id not in self._pending:
+            raise self._broken(proto.EPROTO, "progress for request %d, which is not in flight" % h.request_id)
+        if h.bin_len:
+            raise self._broken(proto.EPROTO, "a progress frame for request %d has a %d-byte binary part"
+                               % (h.request_id, h.bin_len))
+        body = self._read_exact(h.json_len, "progress JSON part")
+        try:
+            msg = proto.parse_json(body)
+        except LunaError as e:
+            raise self._broken(proto.EPROTO, "progress of request %d: %s" % (h.request_id, e.message)) from None
+        v = msg.get("progress")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self._broken(proto.EPROTO, "progress of request %d without a numeric \"progress\"" % h.request_id)
+        fn = self._progress.get(h.request_id)
+        if fn is not None:
+            try:
+                fn(min(max(float(v), 0.0), 1.0))
+            except BaseException:
+                # the request cannot be abandoned on an open connection (its reply would
+                # come later): closing it is what cancels the work on lunad's side
+                self.close()
+                raise
+
+    def call(self, type, msg=None, tensors=None, raw=None, progress=None):
         """Send one request and wait for its reply: (msg, tensors). Raises LunaError
         for an error reply. Replies to other requests in flight are kept for recv().
-        'raw': bytes sent as the binary part as they are (see send)."""
-        rid = self.send(type, msg, tensors, raw)
+        'raw': bytes sent as the binary part as they are; 'progress': the request's
+        progress callback (see send)."""
+        rid = self.send(type, msg, tensors, raw, progress)
         while True:
             if rid in self._stash:
                 r = self._stash.pop(rid)
@@ -364,6 +424,76 @@ class Client:
                 self._upload_missing(stack, [x["id"] for x in msg["loras"]], e.missing)
         return split_encode_reply(reply, tensors, self.peer)
 
+    # ---- VAE ----------------------------------------------------------------------
+
+    def vae_request(self, model, tiled="auto", tile=512, overlap=64, progress=False, deadline_ms=None):
+        """The JSON of a VAE request (for send(); the input tensor goes in its 'tensors'):
+        the arguments are vae_decode()'s, 'progress' a bool (ask for progress frames)."""
+        if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
+            raise LunaError(proto.EINVAL, message="a VAE model is one path relative to lunad's models folders")
+        if tiled not in ("auto", True, False) or (isinstance(tiled, int) and not isinstance(tiled, bool)):
+            raise LunaError(proto.EINVAL, message="tiled is \"auto\", True or False, not %r" % (tiled,))
+        for name, v, lo in (("tile", tile, 1), ("overlap", overlap, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise LunaError(proto.EINVAL, message="%s is an integer >= %d (pixels), not %r" % (name, lo, v))
+        if overlap >= tile:
+            raise LunaError(proto.EINVAL, message="overlap %d is not smaller than the tile size %d" % (overlap, tile))
+        msg = {"model": os.fspath(model), "tiled": tiled, "tile": int(tile), "overlap": int(overlap)}
+        if progress:
+            msg["progress"] = True
+        if deadline_ms:
+            msg["deadline_ms"] = int(deadline_ms)
+        return msg
+
+    def _vae(self, type, what, model, name, arr, rank_shape, tiled, tile, overlap, progress, deadline_ms):
+        if progress is not None and not callable(progress):
+            raise LunaError(proto.EINVAL, message="progress is a callable(fraction), not %s" % type_name(progress))
+        msg = self.vae_request(model, tiled, tile, overlap, progress is not None, deadline_ms)
+        try:
+            a = np.ascontiguousarray(np.asarray(arr, dtype=np.float32))
+        except (TypeError, ValueError) as e:
+            raise LunaError(proto.EINVAL, message="%s: '%s' is not a float array: %s" % (what, name, e)) from None
+        if a.ndim != 4 or min(a.shape) < 1 or (rank_shape and a.shape[3] != 3):
+            raise LunaError(proto.EINVAL, message="%s: '%s' is %s; expected a float32 array %s" % (
+                what, name, list(a.shape), rank_shape or "[B, C, h, w]"))
+        if rank_shape and (a.shape[1] < 8 or a.shape[2] < 8):
+            raise LunaError(proto.EINVAL, message="%s: a %dx%d image is smaller than one 8x8 latent cell"
+                            % (what, a.shape[1], a.shape[2]))
+        reply, tensors = self.call(type, msg, {name: a}, progress=progress)
+        return reply, tensors, a.shape
+
+    def vae_decode(self, model, latent, tiled="auto", tile=512, overlap=64, progress=None, deadline_ms=None):
+        """Decode a latent on lunad as ComfyUI's VAEDecode (VAEDecodeTiled when tiled).
+
+        model        a checkpoint (its VAE) or a VAE file, relative to lunad's models folders
+        latent       float32 [B, C, h, w] (anything numpy turns into one), unscaled as
+                     ComfyUI passes it to the VAE
+        tiled        "auto" (lunad tiles when untiled work would exceed its --vae-max-mem),
+                     True or False
+        tile         tile size in pixels; overlap: between tiles, smaller than the tile
+        progress     None, or a callable(fraction) called with lunad's progress reports
+                     (0 to 1) while it works. If it raises, the connection is closed, which
+                     cancels the work, and the exception propagates
+        deadline_ms  give up if the work has not started within this many ms
+
+        Returns (image float32 [B, 8h, 8w, 3] in [0, 1], info): info is the reply without
+        "tensors": {"tiled": bool, "tile": n, "overlap": n, "ms": compute time}.
+        """
+        reply, tensors, shape = self._vae(proto.MSG_VAE_DECODE, "vae_decode", model, "latent", latent, None, tiled,
+                                          tile, overlap, progress, deadline_ms)
+        B, _, h, w = shape
+        return _vae_result(reply, tensors, "image", (B, 8 * h, 8 * w, 3), "vae_decode", self.peer)
+
+    def vae_encode(self, model, pixels, tiled="auto", tile=512, overlap=64, progress=None, deadline_ms=None):
+        """Encode images on lunad as ComfyUI's VAEEncode (VAEEncodeTiled when tiled):
+        'pixels' float32 [B, H, W, 3] in [0, 1] (ComfyUI's IMAGE); the other arguments
+        are vae_decode()'s. Returns (latent float32 [B, C, H/8, W/8], the posterior mean
+        after ComfyUI's centered crop to multiples of 8, and info)."""
+        reply, tensors, shape = self._vae(proto.MSG_VAE_ENCODE, "vae_encode", model, "image", pixels,
+                                          "[B, H, W, 3]", tiled, tile, overlap, progress, deadline_ms)
+        B, H, W, _ = shape
+        return _vae_result(reply, tensors, "latent", (B, None, H // 8, W // 8), "vae_encode", self.peer)
+
     # ---- LoRAs --------------------------------------------------------------------
 
     def lora_id(self, path):
@@ -438,6 +568,25 @@ class Client:
     def lora_unpin(self, ident):
         """Let the LRU evict LoRA 'ident' again: {"pinned": false}."""
         return self._lora_action("unpin", ident)
+
+
+def type_name(v):
+    return type(v).__name__
+
+
+def _vae_result(reply, tensors, name, want, what, peer="lunad"):
+    """(tensor, info) from a VAE reply, checking the tensor is float32 of shape 'want'
+    (None: any positive size)."""
+    t = tensors.get(name)
+    if t is None:
+        raise LunaError(proto.EPROTO, message="%s: the %s reply has no tensor '%s'" % (peer, what, name))
+    good = t.dtype == "<f4" and t.ndim == len(want) and \
+        all(d > 0 if w is None else d == w for d, w in zip(t.shape, want))
+    if not good:
+        raise LunaError(proto.EPROTO, message="%s: %s reply: tensor '%s' is %s %s, expected float32 %s"
+                        % (peer, what, name, t.dtype, list(t.shape), ["C" if w is None else w for w in want]))
+    info = {k: v for k, v in reply.items() if k != "tensors"}
+    return t, info
 
 
 def split_encode_reply(reply, tensors, peer="lunad"):

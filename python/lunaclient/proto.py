@@ -38,9 +38,12 @@ MSG_STATUS = 4
 MSG_MODELS = 5
 MSG_ENCODE = 6
 MSG_LORA = 7
+MSG_VAE_DECODE = 8
+MSG_VAE_ENCODE = 9
 
 FLAG_REPLY = 0x1
 FLAG_ERROR = 0x2
+FLAG_PROGRESS = 0x4
 
 DEFAULT_MAX_FRAME = 64 << 20  # lunad's default --max-frame: what it accepts from us
 MAX_JSON = 16 << 20           # the JSON part is never larger

@@ -16,6 +16,9 @@ typedef struct cmd_target {
 
 /* Each returns the process exit status: 0 success, 1 failure, 2 usage error. */
 int cmd_encode(const cmd_target *t, int argc, char **argv);
+/* cmd_vae.c -- the VAE, through lunad or (--local) in this process */
+int cmd_decode(const cmd_target *t, int argc, char **argv);
+int cmd_encode_image(const cmd_target *t, int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_demo_model(int argc, char **argv);
 

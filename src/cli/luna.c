@@ -18,6 +18,8 @@ static void usage(FILE *f) {
           "  models      list, load or unload models\n"
           "  lora        LoRA identities and lunad's LoRA cache: id, upload, list, evict, pin, unpin\n"
           "  encode      encode a prompt with a model's text encoders (--local: in this process)\n"
+          "  decode      decode a latent with a VAE into an image (safetensors or PNG; --local)\n"
+          "  encode-image  encode an image (PNG or safetensors) with a VAE into a latent (--local)\n"
           "local commands:\n"
           "  tokenize    print ComfyUI's token/weight chunks for a prompt as JSON\n"
           "  demo-model  write the built-in demo model (small CLIP-L, random weights)\n"
@@ -51,7 +53,7 @@ static int take_opt(int argc, char **argv, int *i, const char *name, const char 
   return 1;
 }
 
-/* Whether the encode arguments ask for --local (getopt_long also takes a unique prefix
+/* Whether the encode (decode, encode-image) arguments ask for --local (getopt_long also takes a unique prefix
 ** of it, "--l" at the shortest; a prompt that looks like one only costs a BLAS check). */
 static int wants_local(int argc, char **argv) {
   for (int i = 1; i < argc; i++) {
@@ -108,6 +110,10 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "encode")) {
     if (wants_local(n, v)) ops_blas_setup(argv); /* may re-execute once with better OpenBLAS kernels */
     return cmd_encode(&t, n, v);
+  }
+  if (!strcmp(cmd, "decode") || !strcmp(cmd, "encode-image")) {
+    if (wants_local(n, v)) ops_blas_setup(argv);
+    return !strcmp(cmd, "decode") ? cmd_decode(&t, n, v) : cmd_encode_image(&t, n, v);
   }
   if (!strcmp(cmd, "ping")) return cmd_ping(&t, n, v);
   if (!strcmp(cmd, "health")) return cmd_health(&t, n, v);

@@ -6,7 +6,9 @@
 ** CLIENT_MAX_REPLY before anything is allocated, then the JSON and binary parts in one
 ** buffer. A handle has at most one request in flight, so the reply must carry that
 ** request's id and type; anything else means the stream is out of step and the
-** connection is dropped (fd = -1).
+** connection is dropped (fd = -1). The one exception: frames flagged PROGRESS for that
+** request (VAE work), which carry {"progress": fraction} and no binary part, may come
+** before its reply; read_reply hands them to the caller's callback and reads on.
 **
 ** LoRA stacks: an encode names each LoRA by its identity (lora_identity over the
 ** file's text-encoder tensors), which the handle caches per path, inode, size and mtime. When
@@ -167,24 +169,86 @@ static int read_all(luna_client *c, uint8_t *p, size_t len, const char *what) {
 }
 
 /*
-** Read one reply frame for request 'id' of message 'type' into 'r'. A reply with the
-** ERROR flag is turned into the daemon's status and message.
+** A progress frame (flags REPLY|PROGRESS) whose header is 'h', for request 'id' of
+** 'type': its JSON {"progress": fraction} is read and handed to 'progress' (when not
+** NULL). It must belong to the pending request and carry no binary part; anything else
+** is a protocol error, and the connection is dropped: the request's own reply is still
+** on its way.
 */
-static int read_reply(luna_client *c, uint16_t type, uint64_t id, reply *r) {
+static int take_progress(luna_client *c, const frame_header *h, uint16_t type, uint64_t id,
+                         luna_progress_fn progress, void *ud) {
+  if (h->flags & LUNA_FLAG_ERROR) {
+    drop(c);
+    return set_err(c, LUNA_EPROTO, "%s: a progress frame with the ERROR flag came back (flags 0x%x)", c->peer,
+                   h->flags);
+  }
+  if (h->request_id != id || h->type != type) {
+    drop(c);
+    return set_err(c, LUNA_EPROTO, "%s: progress for request %llu of type %u, expected request %llu of type %u",
+                   c->peer, (unsigned long long)h->request_id, h->type, (unsigned long long)id, type);
+  }
+  if (h->bin_len) {
+    drop(c);
+    return set_err(c, LUNA_EPROTO, "%s: a progress frame for request %llu has a %llu-byte binary part", c->peer,
+                   (unsigned long long)id, (unsigned long long)h->bin_len);
+  }
+  uint8_t *buf = malloc(h->json_len ? h->json_len : 1);
+  if (!buf) {
+    drop(c);
+    return set_err(c, LUNA_ENOMEM, "%s: out of memory for a %u-byte progress frame", c->peer, h->json_len);
+  }
+  int rc = read_all(c, buf, h->json_len, "progress JSON part");
+  if (rc) {
+    free(buf);
+    return rc;
+  }
+  cJSON *msg = NULL;
+  char err[LUNA_ERR_LEN] = "";
+  rc = frame_parse_json(buf, h->json_len, &msg, err);
+  free(buf);
+  if (rc) {
+    drop(c);
+    return set_err(c, LUNA_EPROTO, "%s: progress of request %llu: %s", c->peer, (unsigned long long)id, err);
+  }
+  const cJSON *p = cJSON_GetObjectItemCaseSensitive(msg, "progress");
+  double v = cJSON_IsNumber(p) ? p->valuedouble : NAN;
+  cJSON_Delete(msg);
+  if (!isfinite(v)) {
+    drop(c);
+    return set_err(c, LUNA_EPROTO, "%s: progress of request %llu without a numeric \"progress\"", c->peer,
+                   (unsigned long long)id);
+  }
+  /* a fraction by definition: rounding on lunad's side must not reach the caller */
+  if (v < 0) v = 0;
+  if (v > 1) v = 1;
+  if (progress) progress(ud, v);
+  return 0;
+}
+
+/*
+** Read the reply to request 'id' of message 'type' into 'r'. Progress frames for it
+** that come first go to 'progress' (NULL: read and ignored). A reply with the ERROR
+** flag is turned into the daemon's status and message.
+*/
+static int read_reply(luna_client *c, uint16_t type, uint64_t id, luna_progress_fn progress, void *ud, reply *r) {
   memset(r, 0, sizeof *r);
   uint8_t hdr[LUNA_FRAME_HEADER];
-  int rc = read_all(c, hdr, sizeof hdr, "header");
-  if (rc) return rc;
   frame_header h;
   char err[LUNA_ERR_LEN] = "";
-  rc = frame_parse_header(hdr, sizeof hdr, CLIENT_MAX_REPLY, &h, err);
-  if (rc != FRAME_OK) {
-    drop(c);
-    return set_err(c, rc < 0 ? LUNA_EPROTO : LUNA_EINTERNAL, "%s: reply %s", c->peer, err);
-  }
-  if (!(h.flags & LUNA_FLAG_REPLY)) {
-    drop(c);
-    return set_err(c, LUNA_EPROTO, "%s: a frame without the REPLY flag came back (flags 0x%x)", c->peer, h.flags);
+  int rc;
+  for (;;) {
+    if ((rc = read_all(c, hdr, sizeof hdr, "header"))) return rc;
+    rc = frame_parse_header(hdr, sizeof hdr, CLIENT_MAX_REPLY, &h, err);
+    if (rc != FRAME_OK) {
+      drop(c);
+      return set_err(c, rc < 0 ? LUNA_EPROTO : LUNA_EINTERNAL, "%s: reply %s", c->peer, err);
+    }
+    if (!(h.flags & LUNA_FLAG_REPLY)) {
+      drop(c);
+      return set_err(c, LUNA_EPROTO, "%s: a frame without the REPLY flag came back (flags 0x%x)", c->peer, h.flags);
+    }
+    if (!(h.flags & LUNA_FLAG_PROGRESS)) break;
+    if ((rc = take_progress(c, &h, type, id, progress, ud))) return rc;
   }
   /* An error reply about a frame lunad could not take (ETOOBIG, ...) is still worth
   ** reading whatever its id says; any other stray reply means the stream is lost. */
@@ -239,11 +303,12 @@ static int read_reply(luna_client *c, uint16_t type, uint64_t id, reply *r) {
 
 /*
 ** Send 'msg' (NULL: {}) as a request of 'type', with 'bin_len' bytes at 'bin' as its
-** binary part (raw: no "tensors" describe them), and read its reply into 'r'. On
-** success the caller frees 'r' with reply_free and calls set_ok itself.
+** binary part (sent as they are: 'msg' describes them in "tensors" or not at all), and
+** read its reply into 'r', progress frames before it going to 'progress'. On success
+** the caller frees 'r' with reply_free and calls set_ok itself.
 */
-static int exchange_bin(luna_client *c, uint16_t type, const cJSON *msg, const uint8_t *bin, size_t bin_len,
-                        reply *r) {
+static int exchange_full(luna_client *c, uint16_t type, const cJSON *msg, const uint8_t *bin, size_t bin_len,
+                         luna_progress_fn progress, void *ud, reply *r) {
   memset(r, 0, sizeof *r);
   cJSON_Delete(c->err_json);
   c->err_json = NULL;
@@ -277,7 +342,7 @@ static int exchange_bin(luna_client *c, uint16_t type, const cJSON *msg, const u
   if (e) {
     /* lunad may have refused the frame and closed: its error reply, if it got that
     ** far, is still waiting to be read and says more than EPIPE does. */
-    if ((e == EPIPE || e == ECONNRESET) && read_reply(c, type, id, r) < 0 && c->errcode != LUNA_ECONN &&
+    if ((e == EPIPE || e == ECONNRESET) && read_reply(c, type, id, NULL, NULL, r) < 0 && c->errcode != LUNA_ECONN &&
         c->errcode != LUNA_EPROTO) {
       drop(c);
       return c->errcode;
@@ -286,7 +351,12 @@ static int exchange_bin(luna_client *c, uint16_t type, const cJSON *msg, const u
     drop(c);
     return set_err(c, LUNA_ECONN, "%s: sending a request: %s", c->peer, strerror(e));
   }
-  return read_reply(c, type, id, r);
+  return read_reply(c, type, id, progress, ud, r);
+}
+
+static int exchange_bin(luna_client *c, uint16_t type, const cJSON *msg, const uint8_t *bin, size_t bin_len,
+                        reply *r) {
+  return exchange_full(c, type, msg, bin, bin_len, NULL, NULL, r);
 }
 
 static int exchange(luna_client *c, uint16_t type, const cJSON *msg, reply *r) {
@@ -783,6 +853,176 @@ void luna_encode_result_free(luna_encode_result *r) {
   free(r->cond);
   free(r->pooled);
   memset(r, 0, sizeof *r);
+}
+
+/* ---- VAE -------------------------------------------------------------------------- */
+
+/* The largest tensor a VAE call sends or expects back, in bytes (a reply is bounded
+** by CLIENT_MAX_REPLY anyway; this keeps the size arithmetic far from overflow). */
+#define VAE_MAX_BYTES (1ull << 40)
+
+/* The bytes of an F32 tensor of 'shape' (n dims), or 0 when a dimension is not
+** positive or the total exceeds VAE_MAX_BYTES. */
+static uint64_t f32_bytes(const int64_t *shape, int n) {
+  uint64_t bytes = sizeof(float);
+  for (int d = 0; d < n; d++) {
+    if (shape[d] <= 0 || (uint64_t)shape[d] > VAE_MAX_BYTES) return 0;
+    bytes *= (uint64_t)shape[d];
+    if (bytes > VAE_MAX_BYTES) return 0;
+  }
+  return bytes;
+}
+
+/* Describe one F32 tensor 'name' of 'shape' as the whole binary part of 'm'. */
+static int add_tensor_desc(cJSON *m, const char *name, const int64_t *shape, int n, uint64_t bytes) {
+  cJSON *ts = cJSON_AddObjectToObject(m, "tensors");
+  cJSON *e = ts ? cJSON_AddObjectToObject(ts, name) : NULL;
+  cJSON *sh = e && cJSON_AddStringToObject(e, "dtype", "F32") ? cJSON_AddArrayToObject(e, "shape") : NULL;
+  if (!sh) return -1;
+  for (int d = 0; d < n; d++) {
+    cJSON *v = cJSON_CreateNumber((double)shape[d]);
+    if (!v || !cJSON_AddItemToArray(sh, v)) {
+      cJSON_Delete(v);
+      return -1;
+    }
+  }
+  cJSON *off = cJSON_AddArrayToObject(e, "data_offsets");
+  cJSON *b = cJSON_CreateNumber(0), *end = cJSON_CreateNumber((double)bytes);
+  int ok = off && b && end && cJSON_AddItemToArray(off, b);
+  if (!ok) cJSON_Delete(b);
+  if (!ok || !cJSON_AddItemToArray(off, end)) {
+    cJSON_Delete(end);
+    return -1;
+  }
+  return 0;
+}
+
+/* Build a VAE request's JSON from 'a' and the input tensor 'name' of 'shape', or fail
+** naming the bad field ('what': "vae_decode" or "vae_encode"). */
+static int vae_msg(luna_client *c, const char *what, const luna_vae_args *a, const char *name, const int64_t *shape,
+                   uint64_t bytes, cJSON **out) {
+  *out = NULL;
+  if (!a->model || !a->model[0]) return set_err(c, LUNA_EINVAL, "%s: no model", what);
+  if (a->tiled != LUNA_TILED_AUTO && a->tiled != LUNA_TILED_ON && a->tiled != LUNA_TILED_OFF)
+    return set_err(c, LUNA_EINVAL, "%s: tiled is %d; it is LUNA_TILED_AUTO, LUNA_TILED_ON or LUNA_TILED_OFF", what,
+                   a->tiled);
+  if (a->tile < 0) return set_err(c, LUNA_EINVAL, "%s: tile is negative (%d)", what, a->tile);
+  if (a->overlap < 0) return set_err(c, LUNA_EINVAL, "%s: overlap is negative (%d)", what, a->overlap);
+  if (a->overlap && a->overlap >= (a->tile ? a->tile : 512))
+    return set_err(c, LUNA_EINVAL, "%s: overlap %d is not smaller than the tile size %d", what, a->overlap,
+                   a->tile ? a->tile : 512);
+  if (a->deadline_ms < 0) return set_err(c, LUNA_EINVAL, "%s: deadline_ms is negative (%d)", what, a->deadline_ms);
+
+  cJSON *m = cJSON_CreateObject();
+  int ok = m && cJSON_AddStringToObject(m, "model", a->model);
+  if (ok && a->tiled == LUNA_TILED_AUTO) ok = cJSON_AddStringToObject(m, "tiled", "auto") != NULL;
+  else if (ok) ok = cJSON_AddBoolToObject(m, "tiled", a->tiled == LUNA_TILED_ON) != NULL;
+  if (ok && a->tile) ok = cJSON_AddNumberToObject(m, "tile", a->tile) != NULL;
+  if (ok && a->overlap) ok = cJSON_AddNumberToObject(m, "overlap", a->overlap) != NULL;
+  if (ok && a->progress) ok = cJSON_AddTrueToObject(m, "progress") != NULL;
+  if (ok && a->deadline_ms) ok = cJSON_AddNumberToObject(m, "deadline_ms", a->deadline_ms) != NULL;
+  if (ok) ok = !add_tensor_desc(m, name, shape, 4, bytes);
+  if (!ok) {
+    cJSON_Delete(m);
+    return set_err(c, LUNA_ENOMEM, "%s: out of memory building the request", what);
+  }
+  *out = m;
+  return 0;
+}
+
+/*
+** Take tensor 'name' of the reply 'r' into 't' after checking it is F32 [want...]
+** (a 'want' entry of -1 takes any positive size). The floats are moved to the start
+** of the reply's buffer, which 't' then owns: no second copy of a large image.
+*/
+static int take_vae_tensor(luna_client *c, const char *what, reply *r, const char *name, const int64_t want[4],
+                           luna_tensor *t) {
+  frame_tensor ft;
+  char err[LUNA_ERR_LEN] = "";
+  int rc = frame_get_tensor(r->msg, name, r->bin, r->bin_len, &ft, err);
+  if (rc == LUNA_EMISSING && !err[0])
+    return set_err(c, LUNA_EPROTO, "%s: the %s reply has no tensor '%s'", c->peer, what, name);
+  if (rc) return set_err(c, LUNA_EPROTO, "%s: %s reply: %s", c->peer, what, err);
+  if (ft.dtype != ST_F32)
+    return set_err(c, LUNA_EPROTO, "%s: %s reply: tensor '%s' is %s, expected F32", c->peer, what, name,
+                   st_dtype_name(ft.dtype));
+  int good = ft.n_dims == 4;
+  for (int d = 0; good && d < 4; d++) good = want[d] < 0 ? ft.shape[d] > 0 : ft.shape[d] == want[d];
+  if (!good) {
+    char got[96] = "", exp[96] = "";
+    size_t at = 0, ae = 0;
+    for (int d = 0; d < ft.n_dims && d < ST_MAX_DIMS && at < sizeof got; d++)
+      at += (size_t)snprintf(got + at, sizeof got - at, "%s%lld", d ? ", " : "", (long long)ft.shape[d]);
+    for (int d = 0; d < 4 && ae < sizeof exp; d++)
+      ae += want[d] < 0 ? (size_t)snprintf(exp + ae, sizeof exp - ae, "%sC", d ? ", " : "")
+                        : (size_t)snprintf(exp + ae, sizeof exp - ae, "%s%lld", d ? ", " : "", (long long)want[d]);
+    return set_err(c, LUNA_EPROTO, "%s: %s reply: tensor '%s' is [%s], expected [%s]", c->peer, what, name, got, exp);
+  }
+  memmove(r->buf, ft.data, (size_t)ft.nbytes);
+  uint8_t *shrunk = realloc(r->buf, (size_t)ft.nbytes);
+  t->data = (float *)(shrunk ? shrunk : r->buf);
+  r->buf = NULL;
+  r->bin = NULL;
+  r->bin_len = 0;
+  memcpy(t->shape, ft.shape, sizeof t->shape);
+  t->n_dims = 4;
+  return 0;
+}
+
+/* One VAE request: 'in_shape' of the input tensor 'in_name' at 'data', the reply's
+** tensor 'out_name' checked against 'want'. */
+static int vae_call(luna_client *c, uint16_t type, const char *what, const luna_vae_args *a, const char *in_name,
+                    const int64_t in_shape[4], const float *data, const char *out_name, const int64_t want[4],
+                    luna_tensor *out) {
+  uint64_t in_bytes = f32_bytes(in_shape, 4);
+  int64_t want_any[4];
+  for (int d = 0; d < 4; d++) want_any[d] = want[d] < 0 ? 1 : want[d];
+  if (!in_bytes || in_bytes > SIZE_MAX || !f32_bytes(want_any, 4))
+    return set_err(c, LUNA_EINVAL, "%s: shape [%lld, %lld, %lld, %lld] of '%s' is empty, negative or too large", what,
+                   (long long)in_shape[0], (long long)in_shape[1], (long long)in_shape[2], (long long)in_shape[3],
+                   in_name);
+  if (!data) return set_err(c, LUNA_EINVAL, "%s: '%s' is NULL", what, in_name);
+  cJSON *m;
+  int rc = vae_msg(c, what, a, in_name, in_shape, in_bytes, &m);
+  if (rc) return rc;
+  reply rep;
+  rc = exchange_full(c, type, m, (const uint8_t *)data, (size_t)in_bytes, a->progress, a->progress_ud, &rep);
+  cJSON_Delete(m);
+  if (rc) return rc;
+  rc = take_vae_tensor(c, what, &rep, out_name, want, out);
+  reply_free(&rep);
+  if (!rc) set_ok(c);
+  return rc;
+}
+
+int luna_client_vae_decode(luna_client *c, const luna_vae_args *a, const float *latent, int64_t B, int64_t C,
+                           int64_t h, int64_t w, luna_tensor *image) {
+  if (image) memset(image, 0, sizeof *image);
+  if (!c) return LUNA_EINVAL;
+  if (!a || !image) return set_err(c, LUNA_EINVAL, "vae_decode: the arguments or the result are NULL");
+  const int64_t in[4] = {B, C, h, w};
+  /* 8h and 8w cannot overflow: f32_bytes bounds h and w first */
+  int64_t want[4] = {B, h > 0 && h < (1ll << 40) ? 8 * h : 0, w > 0 && w < (1ll << 40) ? 8 * w : 0, 3};
+  return vae_call(c, LUNA_MSG_VAE_DECODE, "vae_decode", a, "latent", in, latent, "image", want, image);
+}
+
+int luna_client_vae_encode(luna_client *c, const luna_vae_args *a, const float *pixels, int64_t B, int64_t H,
+                           int64_t W, luna_tensor *latent) {
+  if (latent) memset(latent, 0, sizeof *latent);
+  if (!c) return LUNA_EINVAL;
+  if (!a || !latent) return set_err(c, LUNA_EINVAL, "vae_encode: the arguments or the result are NULL");
+  const int64_t in[4] = {B, H, W, 3};
+  if (H > 0 && W > 0 && (H < 8 || W < 8))
+    return set_err(c, LUNA_EINVAL, "vae_encode: a %lldx%lld image is smaller than one 8x8 latent cell", (long long)H,
+                   (long long)W);
+  int64_t want[4] = {B, -1, H / 8, W / 8};
+  return vae_call(c, LUNA_MSG_VAE_ENCODE, "vae_encode", a, "image", in, pixels, "latent", want, latent);
+}
+
+void luna_tensor_free(luna_tensor *t) {
+  if (!t) return;
+  free(t->data);
+  memset(t, 0, sizeof *t);
 }
 
 void luna_free(void *p) { free(p); }

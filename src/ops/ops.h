@@ -1,4 +1,4 @@
-/* ops.h -- CPU compute: a worker pool and the kernels of the text encoders (OpenBLAS GEMM) */
+/* ops.h -- CPU compute: a worker pool and the kernels of the text encoders and the VAE (OpenBLAS GEMM) */
 /* SPDX-License-Identifier: MIT */
 #ifndef LUNA_OPS_OPS_H
 #define LUNA_OPS_OPS_H
@@ -72,6 +72,70 @@ void ops_attention_causal(ops_pool *p, const float *q, const float *k, const flo
 
 /* x += y, elementwise over 'n' floats. */
 void ops_add(ops_pool *p, float *x, const float *y, int64_t n);
+
+/* ---- image ops (the VAE). Activations of one image are [C, H, W], row-major (NCHW
+** without the batch). ---------------------------------------------------------- */
+
+/* A 2-D convolution's weights: w [cout, cin, kh, kw] (torch layout), b [cout] or NULL. */
+typedef struct ops_conv {
+  int64_t cout, cin, kh, kw;
+  const float *w;
+  const float *b;
+} ops_conv;
+
+/* y [cout, Ho, Wo] = conv2d(x [cin, H, W]) with 'stride' and zero padding top/left/
+** bottom/right, Ho = (H + pt + pb - kh) / stride + 1 (likewise Wo). fp32, the sum over
+** (cin, kh, kw) as one dot product per output. Splits the output rows across the pool;
+** each worker needs ops_conv2d_scratch(c, W) floats of scratch (ops_pool_reserve).
+** The output positions (Ho*Wo, row-major) are cut into strips by the shape alone, never
+** by the pool's size, so any pool gives the same bits. 'y' must not overlap 'x'.
+** Nothing is done when the padded input is smaller than the kernel (Ho or Wo < 1).
+** ops_conv2d_scratch depends on 'c' only ('W' is accepted for callers that size per
+** layer): for im2col, cin*kh*kw floats per column of a strip whose width is fixed by 'c';
+** for a 3x3 kernel, at least what the Winograd method needs too, so one reservation
+** serves either method. ops_conv2d itself grows the scratch (ops_pool_reserve) when the
+** caller did not, and if that fails, falls back to a slow loop that needs none. */
+void ops_conv2d(ops_pool *p, const float *x, int64_t H, int64_t W, const ops_conv *c, int stride, int pt,
+                int pl, int pb, int pr, float *y);
+size_t ops_conv2d_scratch(const ops_conv *c, int64_t W);
+
+/* How ops_conv2d computes 3x3 stride-1 convolutions (other shapes always use im2col):
+** OPS_CONV_IM2COL, the default: im2col strips times the weights, one SGEMM per strip.
+** OPS_CONV_WINOGRAD: Winograd F(2x2, 3x3): 4x4 input tiles and the weights transformed,
+** 16 SGEMMs per block of tiles, 2x2 output tiles transformed back; 2.25x fewer
+** multiplications, results within about 1e-6 (relative to the largest output) of the
+** exact sum, where im2col is within about 1e-7. It transforms the weights on every call,
+** in a buffer of 16*cout*cin floats it allocates (im2col is used when that fails).
+** ops_conv2d_set_method sets the method for the whole process (an atomic store; calls
+** already running keep theirs) and returns the previous one. */
+typedef enum ops_conv_method { OPS_CONV_IM2COL = 0, OPS_CONV_WINOGRAD = 1 } ops_conv_method;
+ops_conv_method ops_conv2d_set_method(ops_conv_method m);
+ops_conv_method ops_conv2d_get_method(void);
+
+/* GroupNorm over x [C, HW]: 'groups' groups of C/groups channels; mean and biased
+** variance per group over (C/groups)*HW values; y = (x - m) / sqrt(v + eps) * g + b per
+** channel. 'y' may equal 'x'. */
+void ops_group_norm(ops_pool *p, const float *x, int64_t C, int64_t HW, int groups, const float *g,
+                    const float *b, float eps, float *y);
+
+/* In place: x * sigmoid(x). */
+void ops_silu(ops_pool *p, float *x, int64_t n);
+
+/* y [C, 2H, 2W] = nearest-neighbour 2x upsampling of x [C, H, W]. */
+void ops_upsample2x(ops_pool *p, const float *x, int64_t C, int64_t H, int64_t W, float *y);
+
+/* Single-head attention over N positions with C channels, channel-major (as 1x1 convs
+** leave them): q, k, v, out [C, N]; out[:, i] = sum_j softmax_j(q[:, i] . k[:, j] * scale) v[:, j].
+** Queries are processed in blocks so memory stays O(block * N); needs
+** ops_attention_single_scratch(N) floats of worker scratch. */
+void ops_attention_single(ops_pool *p, const float *q, const float *k, const float *v, int64_t C, int64_t N,
+                          float scale, float *out);
+size_t ops_attention_single_scratch(int64_t N);
+
+/* ops_pool_reserve grows every worker's scratch to at least 'floats' (never shrinks).
+** Called by the pool's owner between runs. Returns 0, or LUNA_ENOMEM (the pool keeps
+** its old scratch). */
+int ops_pool_reserve(ops_pool *p, size_t floats);
 
 /* ops_blas_setup makes sure OpenBLAS runs kernels that fit this CPU: OpenBLAS 0.3.21
 ** does not know recent Intel cores and falls back to its slowest ("Prescott") kernels.

@@ -28,6 +28,7 @@ struct ops_pool {
   int n;                     /* workers including the caller */
   pthread_t *threads;        /* n-1 threads */
   float **scratch;           /* n blocks */
+  size_t scratch_floats;     /* floats in each block (grown by ops_pool_reserve) */
   pthread_mutex_t mu;
   pthread_cond_t work_cv, done_cv;
   uint64_t generation;       /* bumped per job */
@@ -84,6 +85,7 @@ ops_pool *ops_pool_create(int n_threads, size_t scratch_floats) {
   p->threads = calloc((size_t)n_threads, sizeof(pthread_t));
   p->scratch = calloc((size_t)n_threads, sizeof(float *));
   if (!p->threads || !p->scratch) goto fail;
+  p->scratch_floats = scratch_floats;
   for (int i = 0; i < n_threads; i++) {
     p->scratch[i] = aligned_alloc(64, ((scratch_floats * sizeof(float)) + 63) / 64 * 64 + 64);
     if (!p->scratch[i]) goto fail;
@@ -164,6 +166,34 @@ void ops_pool_run(ops_pool *p, int n_tasks, ops_task_fn fn, void *arg) {
   pthread_mutex_lock(&p->mu);
   while (p->active > 0) pthread_cond_wait(&p->done_cv, &p->mu);
   pthread_mutex_unlock(&p->mu);
+}
+
+/* Grows every block before it frees any, so a failure leaves the old blocks in place.
+** Workers only touch p->scratch[i] inside a job, and the owner calls this between jobs;
+** the next job's publication under 'mu' orders these writes before their reads. */
+int ops_pool_reserve(ops_pool *p, size_t floats) {
+  if (floats <= p->scratch_floats) return 0;
+  if (floats > (SIZE_MAX - 128) / sizeof(float)) return LUNA_ENOMEM;
+  size_t bytes = ((floats * sizeof(float)) + 63) / 64 * 64 + 64;
+  float **fresh = calloc((size_t)p->n, sizeof(float *));
+  if (!fresh) return LUNA_ENOMEM;
+  for (int i = 0; i < p->n; i++) {
+    fresh[i] = aligned_alloc(64, bytes);
+    if (!fresh[i]) {
+      for (int k = 0; k < i; k++) free(fresh[k]);
+      free(fresh);
+      return LUNA_ENOMEM;
+    }
+  }
+  pthread_mutex_lock(&p->mu);
+  for (int i = 0; i < p->n; i++) {
+    free(p->scratch[i]);
+    p->scratch[i] = fresh[i];
+  }
+  p->scratch_floats = floats;
+  pthread_mutex_unlock(&p->mu);
+  free(fresh);
+  return 0;
 }
 
 /* ---- linear ---------------------------------------------------------------------- */

@@ -45,6 +45,7 @@ static const opt opts[] = {
     {"loras-dir", OPT_STR_LIST, F(loras_dirs), F(n_loras_dirs), SRV_MAX_DIRS, "DIR", "folder of LoRA files clients may name (repeatable); others are uploaded by the clients"},
     {"lora-cache-mem", OPT_BYTES, F(lora_cache_mem), 0, 0, "BYTES", "LoRA cache budget, least recently used idle entries evicted above it (default 1G)"},
     {"lora-mode", OPT_LORA_MODE, F(lora_mode), 0, 0, "MODE", "how LoRA stacks run: lock (merge under the model's lock), functional (never merge) or auto (default: merged when one stack dominates)"},
+    {"vae-max-mem", OPT_BYTES, F(vae_max_mem), 0, 0, "BYTES", "VAE decodes and encodes that would need more activation memory run tiled, unless the request says (default 2G)"},
     {"log-level", OPT_LEVEL, F(log_level), 0, 0, "LEVEL", "error, warn, info (default) or debug"},
 };
 #define N_OPTS (sizeof opts / sizeof *opts)
@@ -218,6 +219,7 @@ int config_parse_args(srv_config *cfg, int argc, char **argv, char *err) {
   cfg->log_level = LOG_INFO;
   cfg->lora_mode = SRV_LORA_AUTO;
   cfg->lora_cache_mem = 1ull << 30;
+  cfg->vae_max_mem = 2ull << 30;
   struct option lo[N_OPTS + 3];
   for (size_t i = 0; i < N_OPTS; i++)
     lo[i] = (struct option){opts[i].name, opts[i].kind == OPT_FLAG ? no_argument : required_argument, 0, (int)(256 + i)};

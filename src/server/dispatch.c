@@ -4,6 +4,7 @@
 
 #include "core/log.h"
 #include "ops/ops.h"
+#include "models/vae.h"
 #include "proto/frame.h"
 
 #include <math.h>
@@ -191,6 +192,8 @@ int dispatch_inline(struct conn *c, job *j) {
   }
   case LUNA_MSG_ENCODE: return 0;
   case LUNA_MSG_LORA: return lora_inline(j);
+  case LUNA_MSG_VAE_DECODE:
+  case LUNA_MSG_VAE_ENCODE: return 0;
   default: {
     char msg[96];
     snprintf(msg, sizeof msg, "unknown message type %u", j->type);
@@ -203,17 +206,21 @@ int dispatch_inline(struct conn *c, job *j) {
 static void run_models(job *j) {
   const char *action = cJSON_GetObjectItemCaseSensitive(j->msg, "action")->valuestring;
   const cJSON *spec = cJSON_GetObjectItemCaseSensitive(j->msg, "model");
+  const cJSON *kind_j = cJSON_GetObjectItemCaseSensitive(j->msg, "kind");
   char err[LUNA_ERR_LEN] = "";
-  if (!spec) return reply_error(j, LUNA_EINVAL, "\"model\" is required for load and unload");
+  if (!spec) return reply_error(j, LUNA_EINVAL, "\"model\" is required for load, unload and verify");
+  if (kind_j && (!cJSON_IsString(kind_j) || (strcmp(kind_j->valuestring, "text") && strcmp(kind_j->valuestring, "vae"))))
+    return reply_error(j, LUNA_EINVAL, "\"kind\" must be \"text\" (the text encoders, default) or \"vae\"");
+  model_kind kind = kind_j && !strcmp(kind_j->valuestring, "vae") ? MODEL_VAE : MODEL_TEXT;
   if (!strcmp(action, "unload")) {
-    int rc = registry_unload(spec, err);
+    int rc = registry_unload(spec, kind, err);
     if (rc) return reply_error(j, rc, err);
     cJSON *o = cJSON_CreateObject();
     cJSON_AddBoolToObject(o, "unloaded", 1);
     return reply_json(j, o, NULL, 0);
   }
   model *m;
-  int rc = registry_acquire(spec, &m, err);
+  int rc = registry_acquire_kind(spec, kind, &m, err);
   if (rc) return reply_error(j, rc, err);
   if (!strcmp(action, "verify")) {
     cJSON *o = cJSON_CreateObject();
@@ -474,6 +481,163 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
   free(rq);
 }
 
+/* ---- VAE ------------------------------------------------------------------------ */
+
+typedef struct vae_progress {
+  job *j;
+  double last_ms, last_frac;
+  int send;
+} vae_progress;
+
+/* Between blocks: stop when the client left; send progress when asked, at most every
+** 100 ms and 1%. */
+static int vae_tick(void *ud, double done, double total) {
+  vae_progress *p = ud;
+  if (atomic_load(p->j->cancelled)) return LUNA_ECONN;
+  if (!p->send || total <= 0) return 0;
+  double f = done / total, now = srv_now_ms();
+  if (f < 1.0 && (now - p->last_ms < 100 || f - p->last_frac < 0.01)) return 0;
+  p->last_ms = now;
+  p->last_frac = f;
+  cJSON *m = cJSON_CreateObject();
+  cJSON_AddNumberToObject(m, "progress", f > 1 ? 1 : f);
+  uint8_t *frame;
+  size_t len;
+  if (!frame_build(p->j->type, LUNA_FLAG_REPLY | LUNA_FLAG_PROGRESS, p->j->request_id, m, NULL, 0, &frame, &len, NULL))
+    work_note(p->j, frame, len);
+  cJSON_Delete(m);
+  return 0;
+}
+
+/* "tiled", "tile", "overlap" of a VAE request; '*auto_' when lunad decides. */
+static int vae_tiling_fields(job *j, int *tiled, int *auto_, vae_tiling *t, char *err) {
+  const cJSON *tj = cJSON_GetObjectItemCaseSensitive(j->msg, "tiled");
+  const cJSON *ts = cJSON_GetObjectItemCaseSensitive(j->msg, "tile");
+  const cJSON *ov = cJSON_GetObjectItemCaseSensitive(j->msg, "overlap");
+  *auto_ = !tj || (cJSON_IsString(tj) && !strcmp(tj->valuestring, "auto"));
+  if (!*auto_ && !cJSON_IsBool(tj)) return luna_fail(err, LUNA_EINVAL, "\"tiled\" must be true, false or \"auto\"");
+  *tiled = !*auto_ && cJSON_IsTrue(tj);
+  t->tile = 512;
+  t->overlap = 64;
+  if (ts) {
+    if (!cJSON_IsNumber(ts) || ts->valuedouble != floor(ts->valuedouble) || ts->valuedouble < 64 || ts->valuedouble > 16384)
+      return luna_fail(err, LUNA_EINVAL, "\"tile\" must be an integer number of pixels in [64, 16384]");
+    t->tile = (int)ts->valuedouble;
+  }
+  if (ov) {
+    if (!cJSON_IsNumber(ov) || ov->valuedouble != floor(ov->valuedouble) || ov->valuedouble < 0 ||
+        ov->valuedouble >= t->tile)
+      return luna_fail(err, LUNA_EINVAL, "\"overlap\" must be an integer number of pixels in [0, tile)");
+    t->overlap = (int)ov->valuedouble;
+  }
+  return 0;
+}
+
+static void run_vae(job *j, ops_pool *pool) {
+  int decode = j->type == LUNA_MSG_VAE_DECODE;
+  const char *in_name = decode ? "latent" : "image";
+  char err[LUNA_ERR_LEN] = "";
+  const cJSON *spec = cJSON_GetObjectItemCaseSensitive(j->msg, "model");
+  const cJSON *prog = cJSON_GetObjectItemCaseSensitive(j->msg, "progress");
+  if (!spec) return reply_error(j, LUNA_EINVAL, "\"model\" is required");
+  if (prog && !cJSON_IsBool(prog)) return reply_error(j, LUNA_EINVAL, "\"progress\" must be true or false");
+  int tiled, auto_;
+  vae_tiling t;
+  int rc = vae_tiling_fields(j, &tiled, &auto_, &t, err);
+  if (rc) return reply_error(j, rc, err);
+  frame_tensor in;
+  rc = frame_get_tensor(j->msg, in_name, j->bin, j->bin_len, &in, err);
+  if (rc) return reply_error(j, rc, err);
+  if (in.dtype != ST_F32) {
+    snprintf(err, sizeof err, "tensor \"%s\" must be F32, not %s", in_name, st_dtype_name(in.dtype));
+    return reply_error(j, LUNA_EDTYPE, err);
+  }
+  if (in.n_dims != 4 || in.shape[0] < 1 || in.shape[1] < 1 || in.shape[2] < 1 || in.shape[3] < 1) {
+    snprintf(err, sizeof err, "tensor \"%s\" must be 4-D %s with no empty dimension", in_name,
+             decode ? "[B, C, h, w]" : "[B, H, W, 3]");
+    return reply_error(j, LUNA_ESHAPE, err);
+  }
+  if (!decode && in.shape[3] != 3) {
+    snprintf(err, sizeof err, "tensor \"image\" has %lld channels; it must be [B, H, W, 3]", (long long)in.shape[3]);
+    return reply_error(j, LUNA_ESHAPE, err);
+  }
+  if (in.shape[0] > 64) return reply_error(j, LUNA_EINVAL, "batches of more than 64 images: send them in parts");
+  model *m;
+  rc = registry_acquire_kind(spec, MODEL_VAE, &m, err);
+  if (rc) return reply_error(j, rc, err);
+  registry_count_requests(m, 1);
+  const vae *v = model_vae(m);
+  const vae_hparams *hp = vae_get_hparams(v);
+  int64_t B = in.shape[0], f = vae_scale(v); /* 8 for every real VAE */
+  float *out = NULL;
+  int64_t oshape[4];
+  if (decode) {
+    int64_t h = in.shape[2], w = in.shape[3];
+    if (in.shape[1] != hp->latent_channels) {
+      snprintf(err, sizeof err, "tensor \"latent\" has %lld channels; this VAE takes %d", (long long)in.shape[1],
+               hp->latent_channels);
+      rc = LUNA_ESHAPE;
+    }
+    if (!rc && auto_) tiled = vae_decode_bytes(v, h, w) > srv.cfg.vae_max_mem;
+    int64_t n = B * 3 * (f * h) * (f * w);
+    oshape[0] = B, oshape[1] = f * h, oshape[2] = f * w, oshape[3] = 3;
+    if (!rc && (h > 4096 || w > 4096 || !(out = malloc((size_t)n * sizeof(float)))))
+      rc = luna_fail(err, LUNA_ENOMEM, "no memory for a %lld x %lld image batch of %lld", (long long)(f * h),
+                     (long long)(f * w), (long long)B);
+  } else {
+    int64_t H = in.shape[1], W = in.shape[2];
+    if (H < f || W < f) {
+      snprintf(err, sizeof err, "the image is %lld x %lld; the VAE needs at least %lld x %lld pixels", (long long)H,
+               (long long)W, (long long)f, (long long)f);
+      rc = LUNA_ESHAPE;
+    }
+    if (!rc && auto_) tiled = vae_encode_bytes(v, H, W) > srv.cfg.vae_max_mem;
+    oshape[0] = B, oshape[1] = hp->latent_channels, oshape[2] = H / f, oshape[3] = W / f;
+    int64_t n = oshape[0] * oshape[1] * oshape[2] * oshape[3];
+    if (!rc && (H > 32768 || W > 32768 || !(out = malloc((size_t)n * sizeof(float)))))
+      rc = luna_fail(err, LUNA_ENOMEM, "no memory for the latent of a %lld x %lld image", (long long)H, (long long)W);
+  }
+  vae_progress p = {j, srv_now_ms(), 0, prog && cJSON_IsTrue(prog)};
+  double t0 = srv_now_ms();
+  if (!rc) {
+    /* a tensor may sit at any byte offset of the binary part: copy it when misaligned */
+    const float *x = (const float *)in.data;
+    float *copy = NULL;
+    if ((uintptr_t)in.data % sizeof(float)) {
+      copy = malloc((size_t)in.nbytes);
+      if (copy) memcpy(copy, in.data, (size_t)in.nbytes);
+      x = copy;
+    }
+    if (!x) rc = luna_fail(err, LUNA_ENOMEM, "out of memory");
+    else if (decode)
+      rc = vae_decode(v, pool, x, (int)B, in.shape[2], in.shape[3], tiled ? &t : NULL, out, vae_tick, &p, err);
+    else
+      rc = vae_encode(v, pool, x, (int)B, in.shape[1], in.shape[2], tiled ? &t : NULL, out, vae_tick, &p, err);
+    free(copy);
+  }
+  double ms = srv_now_ms() - t0;
+  registry_release(m);
+  if (rc == LUNA_ECONN) { /* the client left: nobody to answer */
+    free(out);
+    atomic_fetch_add(&srv.stats.dropped, 1);
+    return;
+  }
+  if (rc) {
+    free(out);
+    return reply_error(j, rc, err);
+  }
+  frame_out_tensor ot = {decode ? "image" : "latent", ST_F32, 4, {oshape[0], oshape[1], oshape[2], oshape[3]}, out};
+  cJSON *r = cJSON_CreateObject();
+  cJSON_AddBoolToObject(r, "tiled", tiled);
+  if (tiled) {
+    cJSON_AddNumberToObject(r, "tile", t.tile);
+    cJSON_AddNumberToObject(r, "overlap", t.overlap);
+  }
+  cJSON_AddNumberToObject(r, "ms", ms);
+  reply_json(j, r, &ot, 1);
+  free(out);
+}
+
 void dispatch_run_batch(job **jobs, int n, ops_pool *pool) {
   if (jobs[0]->type == LUNA_MSG_ENCODE) run_encode_batch(jobs, n, pool);
   else
@@ -494,6 +658,7 @@ char *dispatch_batch_key(const job *j) {
 void dispatch_run(job *j, ops_pool *pool) {
   if (j->type == LUNA_MSG_MODELS) run_models(j);
   else if (j->type == LUNA_MSG_LORA) run_lora_upload(j);
+  else if (j->type == LUNA_MSG_VAE_DECODE || j->type == LUNA_MSG_VAE_ENCODE) run_vae(j, pool);
   else if (j->type == LUNA_MSG_ENCODE) run_encode_batch(&j, 1, pool);
   else reply_error(j, LUNA_EINTERNAL, "message type not handled by workers");
 }

@@ -244,7 +244,8 @@ static void handle_frame(conn *c, const frame_header *h, const uint8_t *json) {
     return;
   }
   j->deadline_ms = dl > 0 ? j->received_ms + dl : 0;
-  if (h->type == LUNA_MSG_LORA && h->bin_len) { /* an upload: the worker parses it */
+  if ((h->type == LUNA_MSG_LORA || h->type == LUNA_MSG_VAE_DECODE || h->type == LUNA_MSG_VAE_ENCODE) &&
+      h->bin_len) { /* an upload or an image: the worker reads it */
     j->bin = malloc((size_t)h->bin_len);
     if (!j->bin) {
       send_error(c, h->type, h->request_id, LUNA_ENOMEM, "out of memory for the upload");
@@ -401,6 +402,16 @@ static void deliver_done(void) {
   while (j) {
     job *next = j->next;
     conn *c = j->c;
+    if (j->is_note) { /* progress: its job still holds the connection */
+      if (c && !c->dead) {
+        conn_queue(c, j->reply, j->reply_len);
+        conn_flush(c);
+      }
+      free(j->reply);
+      free(j);
+      j = next;
+      continue;
+    }
     if (c && j->reply) atomic_fetch_add(j->failed ? &srv.stats.failed : &srv.stats.served, 1);
     if (!c) { /* a --preload */
       atomic_fetch_sub(&srv.preloads_pending, 1);

@@ -3,6 +3,7 @@
 #include "server/server.h"
 
 #include "core/log.h"
+#include "models/vae.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -20,7 +21,9 @@ struct model {
   char *key;                      /* identity: sorted "realpath|size|mtime" lines */
   char *paths[MAX_FILES];         /* resolved absolute paths, in request order */
   int n_paths;
-  te_set *set;
+  model_kind kind;                /* text encoders or VAE: a checkpoint holds both, loaded apart */
+  te_set *set;                    /* MODEL_TEXT */
+  vae *vae;                       /* MODEL_VAE */
   struct lexec_slot *slot;        /* its LoRA merge slot (lexec.c) */
   model_state state;
   char error[LUNA_ERR_LEN];
@@ -57,6 +60,7 @@ static void model_free(model *m) {
   if (!m) return;
   lexec_slot_free(m->slot);
   te_set_free(m->set);
+  vae_free(m->vae);
   for (int i = 0; i < m->n_paths; i++) free(m->paths[i]);
   free(m->id);
   free(m->key);
@@ -196,6 +200,10 @@ static void identity_free(char *paths[MAX_FILES], int n, char *key, char *id) {
   free(id);
 }
 
+static uint64_t weight_bytes(const model *m) {
+  return m->kind == MODEL_VAE ? vae_weight_bytes(m->vae) : te_set_weight_bytes(m->set);
+}
+
 /* Unload idle models, least recently used first, while over the budget. Called with
 ** reg.mu held; the models are freed after it is released ('*freed' list). */
 static void enforce_budget(model **freed) {
@@ -205,7 +213,7 @@ static void enforce_budget(model **freed) {
     model *victim = NULL;
     for (model *m = reg.head; m; m = m->next) {
       if (m->state != M_READY) continue;
-      total += te_set_weight_bytes(m->set);
+      total += weight_bytes(m);
       if (!m->refs && (!victim || m->last_used_ms < victim->last_used_ms)) victim = m;
     }
     int over = budget && total > budget;
@@ -234,11 +242,30 @@ static void free_list(model *m) {
 }
 
 int registry_acquire(const cJSON *spec, model **out, char *err) {
+  return registry_acquire_kind(spec, MODEL_TEXT, out, err);
+}
+
+/* The identity of a VAE is its files' identity with a "vae" line in front. */
+static int kind_key(model_kind kind, char **key, char *err) {
+  if (kind != MODEL_VAE) return 0;
+  char *k = NULL;
+  if (asprintf(&k, "vae\n%s", *key) < 0) return luna_fail(err, LUNA_ENOMEM, "out of memory");
+  free(*key);
+  *key = k;
+  return 0;
+}
+
+int registry_acquire_kind(const cJSON *spec, model_kind kind, model **out, char *err) {
   *out = NULL;
   char *paths[MAX_FILES] = {0}, *key = NULL, *id = NULL;
   int n = 0;
   int rc = spec_identity(spec, paths, &n, &key, &id, err);
-  if (rc) return rc;
+  if (!rc && kind == MODEL_VAE && n != 1) rc = luna_fail(err, LUNA_EINVAL, "a VAE is one file (a checkpoint or a VAE file), not %d", n);
+  if (!rc) rc = kind_key(kind, &key, err);
+  if (rc) {
+    identity_free(paths, n, key, id);
+    return rc;
+  }
   pthread_mutex_lock(&reg.mu);
   model *m;
   for (m = reg.head; m; m = m->next)
@@ -272,6 +299,7 @@ int registry_acquire(const cJSON *spec, model **out, char *err) {
   }
   m->key = key;
   m->id = id;
+  m->kind = kind;
   m->n_paths = n;
   memcpy(m->paths, paths, sizeof paths);
   m->state = M_LOADING;
@@ -281,11 +309,14 @@ int registry_acquire(const cJSON *spec, model **out, char *err) {
   pthread_mutex_unlock(&reg.mu);
 
   /* load outside the lock: other models stay usable meanwhile */
-  log_info("loading model %s", m->id);
+  log_info("loading %s %s", kind == MODEL_VAE ? "VAE" : "model", m->id);
   double t0 = srv_now_ms();
   te_set *set = NULL;
+  vae *v = NULL;
   char lerr[LUNA_ERR_LEN] = "";
-  int lrc = te_set_load((const char *const *)m->paths, m->n_paths, srv.cfg.weight_f32 ? OPS_W_F32 : OPS_W_F16, &set, lerr);
+  int lrc = kind == MODEL_VAE ? vae_load(m->paths[0], &v, lerr)
+                              : te_set_load((const char *const *)m->paths, m->n_paths,
+                                            srv.cfg.weight_f32 ? OPS_W_F32 : OPS_W_F16, &set, lerr);
   model *freed = NULL;
   pthread_mutex_lock(&reg.mu);
   if (lrc) {
@@ -309,6 +340,7 @@ int registry_acquire(const cJSON *spec, model **out, char *err) {
     }
   } else {
     m->set = set;
+    m->vae = v;
     m->state = M_READY;
     m->last_used_ms = srv_now_ms();
     *out = m;
@@ -316,7 +348,10 @@ int registry_acquire(const cJSON *spec, model **out, char *err) {
   }
   pthread_cond_broadcast(&reg.cv);
   pthread_mutex_unlock(&reg.mu);
-  if (lrc) log_error("loading model %s failed: %s", m->id, lerr);
+  if (lrc) log_error("loading %s %s failed: %s", kind == MODEL_VAE ? "VAE" : "model", m->id, lerr);
+  else if (kind == MODEL_VAE)
+    log_info("VAE %s ready: %d latent channels, %.1f MiB of weights, %.0f ms", m->id,
+             vae_get_hparams(v)->latent_channels, (double)vae_weight_bytes(v) / (1024.0 * 1024.0), srv_now_ms() - t0);
   else
     log_info("model %s ready: %s, %.1f MiB of weights, %.0f ms", m->id, te_family_name(te_set_family(set)),
              (double)te_set_weight_bytes(set) / (1024.0 * 1024.0), srv_now_ms() - t0);
@@ -336,10 +371,12 @@ void registry_release(model *m) {
 }
 
 const te_set *model_set(const model *m) { return m->set; }
+const vae *model_vae(const model *m) { return m->vae; }
 struct lexec_slot *model_lora_slot(const model *m) { return m->slot; }
 
 cJSON *registry_checksums(const model *m) {
   cJSON *o = cJSON_CreateObject();
+  if (m->kind == MODEL_VAE) return o;
   static const char *const names[2] = {"l", "g"};
   for (int k = 0; k < 2; k++) {
     const clip_text *e = te_set_encoder(m->set, (clip_kind)k);
@@ -356,17 +393,21 @@ void registry_count_requests(model *m, int n) {
   pthread_mutex_unlock(&reg.mu);
 }
 
-int registry_unload(const cJSON *spec, char *err) {
+int registry_unload(const cJSON *spec, model_kind kind, char *err) {
   char *paths[MAX_FILES] = {0}, *key = NULL, *id = NULL;
   int n = 0;
   int rc = spec_identity(spec, paths, &n, &key, &id, err);
-  if (rc) return rc;
+  if (!rc) rc = kind_key(kind, &key, err);
+  if (rc) {
+    identity_free(paths, n, key, id);
+    return rc;
+  }
   model *freed = NULL;
   pthread_mutex_lock(&reg.mu);
   model *m;
   for (m = reg.head; m; m = m->next)
     if (!strcmp(m->key, key)) break;
-  if (!m) rc = luna_fail(err, LUNA_ENOTFOUND, "model '%s' is not loaded", id);
+  if (!m) rc = luna_fail(err, LUNA_ENOTFOUND, "%s '%s' is not loaded", kind == MODEL_VAE ? "VAE" : "model", id);
   else {
     m->unload_pending = 1;
     enforce_budget(&freed);
@@ -394,7 +435,11 @@ cJSON *registry_describe(int *all_ready) {
     cJSON_AddStringToObject(o, "state", st);
     if (m->state == M_LOADING) *all_ready = 0;
     if (m->state == M_FAILED) cJSON_AddStringToObject(o, "error", m->error);
-    if (m->state == M_READY) {
+    cJSON_AddStringToObject(o, "kind", m->kind == MODEL_VAE ? "vae" : "text");
+    if (m->state == M_READY && m->kind == MODEL_VAE) {
+      cJSON_AddNumberToObject(o, "latent_channels", vae_get_hparams(m->vae)->latent_channels);
+      cJSON_AddNumberToObject(o, "weights_bytes", (double)vae_weight_bytes(m->vae));
+    } else if (m->state == M_READY) {
       cJSON_AddStringToObject(o, "family", te_family_name(te_set_family(m->set)));
       cJSON_AddNumberToObject(o, "weights_bytes", (double)te_set_weight_bytes(m->set));
     }
@@ -411,7 +456,7 @@ uint64_t registry_weight_bytes(void) {
   uint64_t b = 0;
   pthread_mutex_lock(&reg.mu);
   for (model *m = reg.head; m; m = m->next)
-    if (m->state == M_READY) b += te_set_weight_bytes(m->set);
+    if (m->state == M_READY) b += weight_bytes(m);
   pthread_mutex_unlock(&reg.mu);
   return b;
 }

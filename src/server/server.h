@@ -56,6 +56,7 @@ typedef struct srv_config {
   const char *loras_dirs[SRV_MAX_DIRS];
   int n_loras_dirs;
   uint64_t lora_cache_mem;            /* LoRA cache budget in bytes */
+  uint64_t vae_max_mem;               /* VAE work above this many bytes runs tiled ("auto") */
 } srv_config;
 
 enum { SRV_LORA_AUTO = 0, SRV_LORA_LOCK = 1, SRV_LORA_FUNCTIONAL = 2 };
@@ -74,8 +75,9 @@ typedef struct job {
   size_t reply_len;
   int failed;                         /* the reply is an error */
   char *batch_key;                    /* encode jobs with equal keys may share a forward pass */
-  uint8_t *bin;                       /* the frame's binary part (LoRA uploads only), owned */
+  uint8_t *bin;                       /* the frame's binary part (uploads, VAE tensors), owned */
   size_t bin_len;
+  int is_note;                        /* a progress frame for 'c', not a job: no ref, no stats */
   struct job *next;
 } job;
 
@@ -123,25 +125,33 @@ void work_stop(void);
 /* work_submit queues 'j'; returns 0, LUNA_EBUSY when the queue is full or
 ** LUNA_ESHUTDOWN when stopping (the caller keeps 'j' then). */
 int work_submit(job *j);
+/* work_note hands the loop a frame to send to 'j's client before 'j' finishes (progress);
+** 'frame' (malloc'd) is owned by the callee. Dropped when out of memory. */
+void work_note(job *j, uint8_t *frame, size_t len);
 /* work_take_done moves the finished jobs to the caller (a list linked by 'next'). */
 job *work_take_done(void);
 int work_idle(void);                  /* nothing queued or running */
 
 /* registry.c -- loaded models: identity, path rules, loading, memory budget */
 typedef struct model model;
+typedef enum model_kind { MODEL_TEXT = 0, MODEL_VAE = 1 } model_kind;
+struct vae;
 int registry_init(char *err);
 void registry_free(void);
 /* registry_acquire resolves the relative paths in 'spec' (a JSON string or array),
 ** loads the model on first use (waiting if another thread is loading it) and returns
 ** it with a reference held. */
 int registry_acquire(const cJSON *spec, model **out, char *err);
+/* registry_acquire_kind: the same for a kind: the text encoders or the VAE of the files. */
+int registry_acquire_kind(const cJSON *spec, model_kind kind, model **out, char *err);
+const struct vae *model_vae(const model *m);
 void registry_release(model *m);
 const te_set *model_set(const model *m);
 const char *model_id(const model *m);
 const char *model_key(const model *m);  /* identity: resolved paths, sizes, mtimes */
 void registry_count_requests(model *m, int n); /* for status: encodes served by 'm' */
-/* registry_unload drops the model named by 'spec' once idle. */
-int registry_unload(const cJSON *spec, char *err);
+/* registry_unload drops the model of that kind named by 'spec' once idle. */
+int registry_unload(const cJSON *spec, model_kind kind, char *err);
 /* JSON array of the models (for health, status and models list); 'ready' gets 0 when
 ** a model is loading. */
 cJSON *registry_describe(int *all_ready);

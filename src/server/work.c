@@ -29,6 +29,19 @@ static void finish(job *j) {
   (void)w; /* the counter saturating still wakes the loop */
 }
 
+void work_note(job *j, uint8_t *frame, size_t len) {
+  job *n = calloc(1, sizeof *n);
+  if (!n) {
+    free(frame);
+    return;
+  }
+  n->c = j->c;
+  n->is_note = 1;
+  n->reply = frame;
+  n->reply_len = len;
+  finish(n);
+}
+
 /* Drop a job that should not run: its client left, or its deadline passed. Returns 1
 ** when the job was settled (a reply built or nothing to send). */
 static int settle_early(job *j) {
