@@ -122,6 +122,8 @@ run: deps
 	@echo "lunad: serving $(if $(MODELS_DIR),$(MODELS_DIR),the built-in demo model (meaningless embeddings))."
 	@echo "  try, in another terminal: $(BUILD)/luna encode --model $(if $(MODELS_DIR),<file>,demo-sd1.safetensors) \
 	--tokens examples/demo-tokens.json --out /tmp/cond.safetensors --summary"
+	@echo "  and: $(BUILD)/luna decode --model $(if $(MODELS_DIR),<file>,demo-sd1.safetensors) \
+	--latent examples/demo-latent.safetensors --out /tmp/image.png"
 	@echo "  stop with Ctrl-C (in-flight work finishes first)."
 	exec $(BUILD)/lunad --models-dir $(if $(MODELS_DIR),$(MODELS_DIR),$(BUILD)/demo) \
 	    $(if $(MODELS_DIR),$(addprefix --preload ,$(PRELOAD)),--preload demo-sd1.safetensors) $(LUNAD_FLAGS)
