@@ -102,6 +102,7 @@ int main(int argc, char **argv) {
   int n_shapes = n_custom ? n_custom : (int)(sizeof decoder / sizeof *decoder);
 
   double sgemm = sgemm_rate(4096, 3);
+  usleep(500 * 1000); /* OpenBLAS's idle threads spin for a while before they sleep */
   ops_pool *p = ops_pool_create(threads, 16);
   if (!p) {
     fprintf(stderr, "conv-rate: cannot start %d threads\n", threads);

@@ -85,10 +85,11 @@ typedef struct ops_conv {
 
 /* y [cout, Ho, Wo] = conv2d(x [cin, H, W]) with 'stride' and zero padding top/left/
 ** bottom/right, Ho = (H + pt + pb - kh) / stride + 1 (likewise Wo). fp32, the sum over
-** (cin, kh, kw) as one dot product per output. Splits the output rows across the pool;
-** each worker needs ops_conv2d_scratch(c, W) floats of scratch (ops_pool_reserve).
-** The output positions (Ho*Wo, row-major) are cut into strips by the shape alone, never
-** by the pool's size, so any pool gives the same bits. 'y' must not overlap 'x'.
+** (cin, kh, kw) as one dot product per output (im2col; see ops_conv2d_set_method for
+** Winograd). Splits the output across the pool; each worker needs
+** ops_conv2d_scratch(c, W) floats of scratch (ops_pool_reserve). The output positions
+** (Ho*Wo, row-major; 2x2 tiles for Winograd) are cut into tasks by the shape alone,
+** never by the pool's size, so any pool gives the same bits. 'y' must not overlap 'x'.
 ** Nothing is done when the padded input is smaller than the kernel (Ho or Wo < 1).
 ** ops_conv2d_scratch depends on 'c' only ('W' is accepted for callers that size per
 ** layer): for im2col, cin*kh*kw floats per column of a strip whose width is fixed by 'c';
@@ -99,26 +100,30 @@ void ops_conv2d(ops_pool *p, const float *x, int64_t H, int64_t W, const ops_con
                 int pl, int pb, int pr, float *y);
 size_t ops_conv2d_scratch(const ops_conv *c, int64_t W);
 
-/* How ops_conv2d computes 3x3 stride-1 convolutions (other shapes always use im2col):
-** OPS_CONV_IM2COL, the default: im2col strips times the weights, one SGEMM per strip.
-** OPS_CONV_WINOGRAD: Winograd F(2x2, 3x3): 4x4 input tiles and the weights transformed,
-** 16 SGEMMs per block of tiles, 2x2 output tiles transformed back; 2.25x fewer
-** multiplications, results within about 1e-6 (relative to the largest output) of the
-** exact sum, where im2col is within about 1e-7. It transforms the weights on every call,
-** in a buffer of 16*cout*cin floats it allocates (im2col is used when that fails).
+/* How ops_conv2d computes 3x3 stride-1 convolutions with cin >= 64 (all other shapes
+** always use im2col):
+** OPS_CONV_WINOGRAD, the default: Winograd F(2x2, 3x3): the weights and 4x4 input tiles
+**   transformed, 16 SGEMMs per block of tiles, 2x2 output tiles transformed back: 2.25x
+**   fewer multiplications. Its rounding error is 1.0-1.5x im2col's (about 4e-7 of the
+**   largest output at 512 channels); a full-size SD VAE decode (512x512) lands 2.6e-6
+**   from PyTorch's image, im2col's 2.4e-6. It transforms the weights on every call into
+**   a buffer of 16*(cout*cin + 16) floats that it allocates and frees (16 MiB at 512
+**   channels), and uses im2col when that allocation fails.
+** OPS_CONV_IM2COL: im2col strips times the weights, one SGEMM per strip.
 ** ops_conv2d_set_method sets the method for the whole process (an atomic store; calls
-** already running keep theirs) and returns the previous one. */
+** already running keep theirs) and returns the previous one; both methods give the
+** same bits for any pool size, not the same bits as each other. */
 typedef enum ops_conv_method { OPS_CONV_IM2COL = 0, OPS_CONV_WINOGRAD = 1 } ops_conv_method;
 ops_conv_method ops_conv2d_set_method(ops_conv_method m);
 ops_conv_method ops_conv2d_get_method(void);
 
 /* GroupNorm over x [C, HW]: 'groups' groups of C/groups channels; mean and biased
-** variance per group over (C/groups)*HW values; y = (x - m) / sqrt(v + eps) * g + b per
-** channel. 'y' may equal 'x'. */
+** variance per group over (C/groups)*HW values (summed in double, one task per group);
+** y = (x - m) / sqrt(v + eps) * g + b per channel. 'y' may equal 'x'. */
 void ops_group_norm(ops_pool *p, const float *x, int64_t C, int64_t HW, int groups, const float *g,
                     const float *b, float eps, float *y);
 
-/* In place: x * sigmoid(x). */
+/* In place: x * sigmoid(x), with a vectorised exp within 2 ulp of expf. */
 void ops_silu(ops_pool *p, float *x, int64_t n);
 
 /* y [C, 2H, 2W] = nearest-neighbour 2x upsampling of x [C, H, W]. */
@@ -126,8 +131,11 @@ void ops_upsample2x(ops_pool *p, const float *x, int64_t C, int64_t H, int64_t W
 
 /* Single-head attention over N positions with C channels, channel-major (as 1x1 convs
 ** leave them): q, k, v, out [C, N]; out[:, i] = sum_j softmax_j(q[:, i] . k[:, j] * scale) v[:, j].
-** Queries are processed in blocks so memory stays O(block * N); needs
-** ops_attention_single_scratch(N) floats of worker scratch. */
+** Queries are processed in blocks (256, fewer when N > 16384) so memory stays
+** O(block * N); the softmax subtracts the row's max, in fp32. Needs
+** ops_attention_single_scratch(N) floats of worker scratch; like ops_conv2d, it grows
+** the scratch itself when the caller did not, and if that fails, runs a slow path that
+** needs none. Query blocks depend on N alone: any pool gives the same bits. */
 void ops_attention_single(ops_pool *p, const float *q, const float *k, const float *v, int64_t C, int64_t N,
                           float scale, float *out);
 size_t ops_attention_single_scratch(int64_t N);

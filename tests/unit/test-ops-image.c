@@ -102,6 +102,21 @@ static double check_conv(const conv_case *k) {
   return worst;
 }
 
+/* Every case with each method (Winograd takes the 3x3 stride-1 ones with cin >= 64). */
+static void check_conv_both(const conv_case *cases, size_t n) {
+  ops_conv_method was = ops_conv2d_get_method();
+  for (int m = 0; m < 2; m++) {
+    ops_conv2d_set_method(m ? OPS_CONV_WINOGRAD : OPS_CONV_IM2COL);
+    for (size_t i = 0; i < n; i++) check_conv(&cases[i]);
+  }
+  ops_conv2d_set_method(was);
+}
+
+static void test_conv_default_method(void **state) {
+  (void)state;
+  assert_int_equal(ops_conv2d_get_method(), OPS_CONV_WINOGRAD);
+}
+
 static void test_conv_small(void **state) {
   (void)state;
   static const conv_case cases[] = {
@@ -119,7 +134,7 @@ static void test_conv_small(void **state) {
       {1, 1, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1},  /* one channel in and out */
       {4, 3, 9, 11, 3, 3, 1, 3, 3, 3, 3, 1},  /* padding wider than the kernel */
   };
-  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) check_conv(&cases[i]);
+  check_conv_both(cases, sizeof cases / sizeof *cases);
 }
 
 static void test_conv_many_strips(void **state) {
@@ -131,7 +146,7 @@ static void test_conv_many_strips(void **state) {
       {700, 5, 30, 33, 1, 1, 1, 0, 0, 0, 0, 1},  /* 1x1 with a long dot product */
       {40, 600, 6, 7, 3, 3, 1, 1, 1, 1, 1, 1},   /* many output channels */
   };
-  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) check_conv(&cases[i]);
+  check_conv_both(cases, sizeof cases / sizeof *cases);
 }
 
 /* The Winograd method on 3x3 stride-1 shapes with every kind of edge and on the VAE's
@@ -155,7 +170,7 @@ static void test_conv_winograd(void **state) {
       {128, 3, 20, 70, 3, 3, 1, 1, 1, 1, 1, 1},   /* conv_out's shape */
       {16, 8, 9, 11, 3, 3, 1, 1, 1, 1, 1, 1},     /* too few channels: im2col */
   };
-  ops_conv2d_set_method(OPS_CONV_IM2COL);
+  ops_conv_method was = ops_conv2d_set_method(OPS_CONV_IM2COL);
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     uint64_t seed = rng;
     double e_im2col = check_conv(&cases[i]);
@@ -175,7 +190,7 @@ static void test_conv_winograd(void **state) {
   conv_case down = {5, 7, 9, 11, 3, 3, 2, 0, 0, 1, 1, 1}, pw = {5, 7, 9, 11, 1, 1, 1, 0, 0, 0, 0, 1};
   check_conv(&down);
   check_conv(&pw);
-  ops_conv2d_set_method(OPS_CONV_IM2COL);
+  ops_conv2d_set_method(was);
 }
 
 /* A pool whose scratch was never reserved still convolves (ops_conv2d reserves). */
@@ -372,10 +387,17 @@ static void test_attention_single(void **state) {
   check_attention(8, 300, 1.0f);
   check_attention(8, 300, 4.0f); /* peaky softmax */
   check_attention(33, 130, 2.0f);
+  /* blocks of 256 queries, narrower past N = 16384 to stay within 16 MiB, never under 64 */
+  assert_int_equal(ops_attention_single_scratch(1), 256);
+  assert_int_equal(ops_attention_single_scratch(4096), 256 * 4096);
+  assert_int_equal(ops_attention_single_scratch(20000), 208 * 20000);
+  assert_int_equal(ops_attention_single_scratch(65536), 64 * 65536);
+  assert_int_equal(ops_attention_single_scratch(1 << 20), 64 << 20);
 }
 
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_conv_default_method),
       cmocka_unit_test(test_conv_small),
       cmocka_unit_test(test_conv_many_strips),
       cmocka_unit_test(test_conv_winograd),
