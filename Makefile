@@ -143,6 +143,8 @@ bench: deps
 	LUNA_BUILD=build $(PYTHON) bench/bench.py
 	LUNA_BUILD=build $(PYTHON) bench/bench_daemon.py
 	LUNA_BUILD=build $(PYTHON) bench/bench_lora.py
+	LUNA_BUILD=build $(PYTHON) bench/bench_vae.py
+	build/bench/conv-rate
 
 FUZZ_SRC := $(sort $(wildcard fuzz/fuzz-*.c))
 FUZZ_BIN := $(FUZZ_SRC:fuzz/%.c=build/fuzz/%)
