@@ -473,7 +473,7 @@ def test_wrong_version_gets_eversion_and_close(start_lunad, tiny_expected):
 def test_unknown_type_keeps_connection(start_lunad, tiny_expected):
     d = start_lunad()
     s = d.raw()
-    for t in (0, 8, 99, 0xFFFF):
+    for t in (0, 10, 99, 0xFFFF):
         s.sendall(frame(t, rid=100 + t))
         expect_error(s, proto.EUNKNOWN, rid=100 + t)
     ping_ok(s)
