@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import st_io
+from fake_server import FakeServer
 
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO / "python"))
@@ -195,7 +196,7 @@ def _recv_exact(conn, n):
     return bytes(buf)
 
 
-class FakeLunad:
+class FakeLunad(FakeServer):
     """Answers requests like lunad, from made-up state. Replies go out once 'batch'
     requests of a connection are waiting, last first. 'mode' breaks things on purpose:
     "badmagic" (a reply with a wrong magic) or "close" (close without replying).
@@ -205,28 +206,7 @@ class FakeLunad:
                  max_frame=proto.DEFAULT_MAX_FRAME):
         self.batch, self.mode, self.require_hello, self.max_frame = batch, mode, require_hello, max_frame
         self.requests = []
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(address)
-        self.sock.listen(16)
-        self.address = self.sock.getsockname()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(address, family)
 
     def _serve(self, conn):
         pending, authed = [], not self.require_hello

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 import st_io
+from fake_server import FakeServer
 
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO / "python"))
@@ -272,7 +273,7 @@ def _recv_exact(conn, n):
     return bytes(buf)
 
 
-class LoraFake:
+class LoraFake(FakeServer):
     """Answers ping, encode and LORA requests in order, keeping uploaded LoRAs by their
     identity (recomputed from the image, as lunad does). 'forget': never keep an
     upload (every encode with LoRAs gets ENOLORA). 'daemon_files': identities lunad
@@ -284,26 +285,7 @@ class LoraFake:
         self.store = {}
         self.pinned = set()
         self.log = []  # (type, msg, binary)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(8)
-        self.path = str(path)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(str(path))
 
     def _serve(self, conn):
         with conn:

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 import st_io
+from fake_server import FakeServer
 
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO / "python"))
@@ -73,7 +74,7 @@ def _recv_exact(conn, n):
     return bytes(buf)
 
 
-class FakeVae:
+class FakeVae(FakeServer):
     """Answers VAE requests (and pings) like lunad. Once 'batch' requests of a connection
     are waiting it sends, last request first, the progress frames of each (those that
     asked for them), then the replies. The model name picks a misbehaviour:
@@ -90,26 +91,7 @@ class FakeVae:
     def __init__(self, path, batch=1):
         self.batch = batch
         self.requests = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(16)
-        self.path = path
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(path)
 
     def _serve(self, conn):
         pending = []
