@@ -19,7 +19,6 @@ overlap, ComfyUI's VAEDecodeTiled defaults).
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -42,17 +41,6 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def last_json(text):
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-    return None
-
-
 def run(cmd, env=None, timeout=3600):
     log("  $ " + " ".join(str(c) for c in cmd))
     r = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -60,7 +48,7 @@ def run(cmd, env=None, timeout=3600):
     if r.returncode != 0:
         log(r.stderr[-2000:])
         return None
-    return last_json(r.stderr) or last_json(r.stdout)
+    return bench.last_json(r.stderr) or bench.last_json(r.stdout)
 
 
 def ensure_inputs(bdir):

@@ -91,7 +91,7 @@ static int parse_host_port(const char *s, char *host, size_t cap, int *port) {
 ** Connect as the global options say. Returns 0 with '*out' set, 1 after printing the
 ** failure (a connection failure, or an unreadable token file), or 2 for bad options.
 */
-static int connect_target(const cmd_target *t, const char *cmd, luna_client **out) {
+int cmd_connect(const cmd_target *t, const char *cmd, luna_client **out) {
   *out = NULL;
   int rc;
   luna_client *c = NULL;
@@ -163,7 +163,7 @@ static int simple_opts(int argc, char **argv, const char *cmd, void (*usage)(FIL
 ** 'ready' set, fail unless the reply says "ready": true. */
 static int call_and_print(const cmd_target *t, const char *cmd, int type, const cJSON *msg, int ready) {
   luna_client *c;
-  int rc = connect_target(t, cmd, &c);
+  int rc = cmd_connect(t, cmd, &c);
   if (rc) return rc;
   char *req = msg ? cJSON_PrintUnformatted(msg) : NULL;
   char *reply = NULL;
@@ -211,7 +211,7 @@ int cmd_ping(const cmd_target *t, int argc, char **argv) {
   int flag = 0, rc = simple_opts(argc, argv, "ping", ping_usage, NULL, &flag, 1);
   if (rc >= 0) return rc;
   luna_client *c;
-  if ((rc = connect_target(t, "ping", &c))) return rc;
+  if ((rc = cmd_connect(t, "ping", &c))) return rc;
   double t0 = cmd_now_ms();
   rc = luna_client_ping(c);
   double ms = cmd_now_ms() - t0;
@@ -386,7 +386,7 @@ static int lora_id_cmd(const char *path) {
 
 static int lora_upload_cmd(const cmd_target *t, const char *path) {
   luna_client *c;
-  int rc = connect_target(t, "lora upload", &c);
+  int rc = cmd_connect(t, "lora upload", &c);
   if (rc) return rc;
   char hex[65];
   rc = luna_client_lora_upload(c, path, hex);
@@ -477,7 +477,7 @@ int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o) {
   char *tokens = NULL;
   if (o->tokens_file && read_text_file("encode", "tokens file", o->tokens_file, &tokens, NULL)) return 1;
   luna_client *c = NULL;
-  int rc = connect_target(t, "encode", &c);
+  int rc = cmd_connect(t, "encode", &c);
   if (rc) {
     free(tokens);
     return rc;

@@ -432,62 +432,6 @@ static int write_output(const vae_cmd *o, const float *data, const int64_t shape
 
 /* ---- lunad ------------------------------------------------------------------------- */
 
-/* Connect as the global options say (the same rules as the other daemon commands).
-** Returns 0 with '*out' set, 1 after printing a failure, or 2 for bad options. */
-static int connect_lunad(const cmd_target *t, const char *cmd, luna_client **out) {
-  *out = NULL;
-  luna_client *c = NULL;
-  int rc;
-  if (t->connect) {
-    char host[256];
-    const char *colon = strrchr(t->connect, ':'), *h = t->connect, *hend = colon;
-    char *end = NULL;
-    long port = colon ? strtol(colon + 1, &end, 10) : 0;
-    if (h && *h == '[' && hend && hend > h && hend[-1] == ']') {
-      h++;
-      hend--;
-    }
-    if (!colon || !colon[1] || *end || port < 1 || port > 65535 || hend <= h || (size_t)(hend - h) >= sizeof host) {
-      fprintf(stderr, "luna: --connect wants HOST:PORT (or [IPv6]:PORT), got '%s'\n", t->connect);
-      return 2;
-    }
-    memcpy(host, h, (size_t)(hend - h));
-    host[hend - h] = 0;
-    if (!t->token_file) {
-      fprintf(stderr, "luna: --connect needs --token-file FILE (the token lunad was started with)\n");
-      return 2;
-    }
-    char token[MAX_TOKEN_FILE + 2];
-    FILE *f = fopen(t->token_file, "rb");
-    if (!f) {
-      fprintf(stderr, "luna %s: cannot open token file %s: %s\n", cmd, t->token_file, strerror(errno));
-      return 1;
-    }
-    size_t n = fread(token, 1, sizeof token - 1, f);
-    int bad = ferror(f) || n > MAX_TOKEN_FILE;
-    fclose(f);
-    token[n] = 0;
-    if (n && token[n - 1] == '\n') token[--n] = 0;
-    if (bad || !n || strlen(token) != n) {
-      fprintf(stderr, "luna %s: token file %s %s\n", cmd, t->token_file,
-              bad ? "cannot be read or is too long" : n ? "contains a NUL byte" : "is empty");
-      memset(token, 0, sizeof token);
-      return 1;
-    }
-    rc = luna_client_connect_tcp(host, (int)port, token, &c);
-    memset(token, 0, sizeof token);
-  } else {
-    rc = luna_client_connect_unix(t->socket, &c);
-  }
-  if (rc) {
-    fprintf(stderr, "luna %s: %s\n", cmd, luna_client_errmsg(c));
-    luna_client_close(c);
-    return 1;
-  }
-  *out = c;
-  return 0;
-}
-
 /* One call to lunad; 'progress' NULL for none. */
 static int daemon_call(luna_client *c, const vae_cmd *o, const float *in, const int64_t in_shape[4],
                        progress_line *progress, luna_tensor *out) {
@@ -501,7 +445,7 @@ static int daemon_call(luna_client *c, const vae_cmd *o, const float *in, const 
 
 static int run_daemon(const cmd_target *t, const vae_cmd *o, const float *in, const int64_t in_shape[4]) {
   luna_client *c = NULL;
-  int rc = connect_lunad(t, o->name, &c);
+  int rc = cmd_connect(t, o->name, &c);
   if (rc) return rc;
   luna_tensor out = {0};
   double *times = NULL;

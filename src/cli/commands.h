@@ -14,6 +14,11 @@ typedef struct cmd_target {
   const char *token_file; /* --token-file FILE, required with 'connect' */
 } cmd_target;
 
+/* cmd_connect connects to lunad as 't' says (cmd_client.c). Returns 0 with '*out' set,
+** 1 after printing why it failed, or 2 for bad global options. */
+struct luna_client;
+int cmd_connect(const cmd_target *t, const char *cmd, struct luna_client **out);
+
 /* Each returns the process exit status: 0 success, 1 failure, 2 usage error. */
 int cmd_encode(const cmd_target *t, int argc, char **argv);
 /* cmd_vae.c -- the VAE, through lunad or (--local) in this process */
