@@ -524,7 +524,8 @@ static int run_local(const vae_cmd *o, const float *in, const int64_t in_shape[4
   progress_line pl = {o->name, -1};
 
   double t0 = cmd_now_ms();
-  if (vae_load(o->model, &m, err)) goto fail;
+  /* only the half this command runs: the other would be memory never read */
+  if (vae_load_parts(o->model, o->decode ? VAE_PART_DECODER : VAE_PART_ENCODER, &m, err)) goto fail;
   double load_ms = cmd_now_ms() - t0;
   const vae_hparams *hp = vae_get_hparams(m);
   if (o->decode ? !hp->has_decoder : !hp->has_encoder) {

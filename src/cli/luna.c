@@ -109,10 +109,12 @@ int main(int argc, char **argv) {
   }
   if (!strcmp(cmd, "encode")) {
     if (wants_local(n, v)) ops_blas_setup(argv); /* may re-execute once with better OpenBLAS kernels */
+    ops_memory_setup();
     return cmd_encode(&t, n, v);
   }
   if (!strcmp(cmd, "decode") || !strcmp(cmd, "encode-image")) {
     if (wants_local(n, v)) ops_blas_setup(argv);
+    ops_memory_setup();
     return !strcmp(cmd, "decode") ? cmd_decode(&t, n, v) : cmd_encode_image(&t, n, v);
   }
   if (!strcmp(cmd, "ping")) return cmd_ping(&t, n, v);

@@ -309,6 +309,16 @@ int st_read_f32(const st_file *f, const st_tensor *t, float *dst, int64_t n, cha
   }
 }
 
+void st_release(const st_file *f, const st_tensor *t) {
+  if (!f->map || !t->data || t->end <= t->begin) return;
+  long pg = sysconf(_SC_PAGESIZE);
+  if (pg <= 0) return;
+  uintptr_t a = (uintptr_t)t->data, b = a + (uintptr_t)(t->end - t->begin), p = (uintptr_t)pg;
+  a = (a + p - 1) / p * p;
+  b = b / p * p;
+  if (b > a) (void)madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
 static int write_all(int fd, const void *p, size_t n) {
   const uint8_t *b = p;
   while (n) {

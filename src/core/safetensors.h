@@ -79,6 +79,13 @@ int64_t st_numel(const st_tensor *t);
 ** equal its element count. Other dtypes fail with LUNA_EDTYPE naming the tensor. */
 int st_read_f32(const st_file *f, const st_tensor *t, float *dst, int64_t n, char *err);
 
+/* st_release tells the kernel that tensor 't' of the mapped file 'f' will not be read
+** again soon: the whole pages inside its data leave the process's resident set (the
+** page cache keeps them; a later read faults them back in). A loader that converts
+** each tensor into memory of its own calls it after the copy, so that loading a file
+** never holds the file's pages and their copies at once. No effect on parsed buffers. */
+void st_release(const st_file *f, const st_tensor *t);
+
 /* A tensor to write: 'data' holds numel*dtype-size bytes, little-endian, row-major. */
 typedef struct st_wtensor {
   const char *name;

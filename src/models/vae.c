@@ -70,6 +70,8 @@ typedef struct walker {
   void *ud;
   int lin_attn;                /* enumerate attention q/k/v/out as Linear [C, C] */
   const st_file *f;            /* load */
+  int parts;                   /* load: VAE_PART_* to load; the others are only checked */
+  int skip;                    /* load: the half being walked is only checked */
   uint8_t *claimed;
   vae *m;
   char *err;
@@ -129,6 +131,7 @@ static void tensor(walker *w, const char *base, const char *suffix, int nd, cons
                       want, lin_ok ? " (or [C, C])" : "");
     return;
   }
+  if (w->skip) return;
   int64_t n = st_numel(t);
   float *v = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
   if (!v || own(w->m, v)) {
@@ -137,6 +140,7 @@ static void tensor(walker *w, const char *base, const char *suffix, int nd, cons
     return;
   }
   if ((w->rc = st_read_f32(f, t, v, n, w->err))) return;
+  st_release(f, t);
   w->m->weight_bytes += (size_t)n * sizeof(float);
   *dst = v;
 }
@@ -221,6 +225,7 @@ static void walk(walker *w) {
   char b[256];
   if (hp->has_encoder) {
     vae_half *e = m ? &m->enc : NULL;
+    w->skip = m && !(w->parts & VAE_PART_ENCODER);
     w_conv(w, "encoder.conv_in", hp->ch, 3, 3, 0, e ? &e->conv_in : NULL);
     int64_t cin = hp->ch;
     for (int i = 0; i < n; i++) {
@@ -242,6 +247,7 @@ static void walk(walker *w) {
   }
   if (hp->has_decoder) {
     vae_half *d = m ? &m->dec : NULL;
+    w->skip = m && !(w->parts & VAE_PART_DECODER);
     if (hp->has_quant) w_conv(w, "post_quant_conv", z, lat, 1, 0, m ? &m->post_quant : NULL);
     w_conv(w, "decoder.conv_in", top, z, 3, 0, d ? &d->conv_in : NULL);
     w_mid(w, "decoder", 1, top, d ? &d->mid1 : NULL, d ? &d->attn : NULL, d ? &d->mid2 : NULL);
@@ -462,8 +468,12 @@ static void free_model(vae *m) {
   free(m);
 }
 
-int vae_load(const char *path, vae **out, char *err) {
+int vae_load(const char *path, vae **out, char *err) { return vae_load_parts(path, VAE_PART_ALL, out, err); }
+
+int vae_load_parts(const char *path, int parts, vae **out, char *err) {
   *out = NULL;
+  if (!(parts & VAE_PART_ALL) || (parts & ~VAE_PART_ALL))
+    return luna_fail(err, LUNA_EINVAL, "%s: loading VAE parts %#x: want encoder, decoder or both", path, parts);
   st_file *f;
   int rc = st_open(path, &f, err);
   if (rc) return rc;
@@ -480,7 +490,8 @@ int vae_load(const char *path, vae **out, char *err) {
             any_under(f, P, "encoder.mid_block.") || any_under(f, P, "decoder.mid_block.");
   vae *m = calloc(1, sizeof *m);
   uint8_t *claimed = calloc(f->n_tensors + 1, 1);
-  walker w = {.prefix = P, .nm = dif ? &diffusers_names : &ldm_names, .f = f, .claimed = claimed, .m = m, .err = err};
+  walker w = {.prefix = P, .nm = dif ? &diffusers_names : &ldm_names, .f = f, .parts = parts, .claimed = claimed,
+              .m = m, .err = err};
   if (!m || !claimed) {
     rc = luna_fail(err, LUNA_ENOMEM, "out of memory");
     goto done;
@@ -488,6 +499,12 @@ int vae_load(const char *path, vae **out, char *err) {
   m->layout = dif ? VAE_LAYOUT_DIFFUSERS : VAE_LAYOUT_LDM;
   if ((rc = detect(f, P, w.nm, &m->hp, m->width, err))) goto done;
   const vae_hparams *hp = &m->hp;
+  if (parts != VAE_PART_ALL &&
+      (((parts & VAE_PART_ENCODER) && !hp->has_encoder) || ((parts & VAE_PART_DECODER) && !hp->has_decoder))) {
+    rc = luna_fail(err, LUNA_EMODEL, "%s: the VAE has no %s (the file holds only its %s)", path,
+                   hp->has_encoder ? "decoder" : "encoder", hp->has_encoder ? "encoder" : "decoder");
+    goto done;
+  }
   memcpy(w.width, m->width, sizeof w.width);
   w.hp = hp;
   for (int h = 0; h < 2; h++) {
@@ -514,6 +531,8 @@ int vae_load(const char *path, vae **out, char *err) {
   walk(&w);
   if ((rc = w.rc)) goto done;
   rc = check_unclaimed(f, P, claimed, err);
+  if (!(parts & VAE_PART_ENCODER)) m->hp.has_encoder = 0;
+  if (!(parts & VAE_PART_DECODER)) m->hp.has_decoder = 0;
 done:
   free(claimed);
   st_close(f);
@@ -542,12 +561,10 @@ static void want_scratch(vae_run *r, size_t n) {
   if (n > r->scratch) r->scratch = n;
 }
 
-/* A buffer of the three that is neither 'a' nor 'b'. */
-static int other(int a, int b) {
-  for (int i = 0; i < 3; i++)
-    if (i != a && i != b) return i;
-  return 0;
-}
+/* Buffer roles: a block's input and output live in buffer 0 or 1, its intermediate map in
+** the other one, and buffer VAE_BUF_BAND holds row bands (and attention's normalized
+** map): so the plan sizes two full maps and a band, not three maps. */
+static int other(int a) { return a == 0 ? 1 : 0; }
 
 /* Between blocks: report progress, and stop when the callback says so. */
 static int tick(vae_run *r) {
@@ -588,37 +605,94 @@ static void add(vae_run *r, int xb, int yb, size_t n) {
   if (!r->plan) ops_add(r->pool, x, y, (int64_t)n);
 }
 
+/* Rows per band when 'per_row' floats of band buffer go with each row: a band holds its
+** output rows and, for a 3x3 kernel, two more input rows. Even, so that Winograd's 2x2
+** tiles never straddle bands needlessly. */
+static int64_t band_rows(const vae_run *r, int64_t per_row, int64_t H) {
+  int64_t R = (int64_t)(r->band_floats ? r->band_floats : VAE_BAND_FLOATS) / per_row - 2;
+  R &= ~(int64_t)1;
+  if (R < 2) R = 2;
+  return R < H ? R : H;
+}
+
+typedef struct out_job {
+  const float *out; /* [cout, n, W]: a band's output */
+  float *y;         /* [cout, H, W] */
+  int64_t H, W, y0, n;
+  int acc;
+} out_job;
+
+static void band_store_task(void *arg, int c, int worker, float *scratch) {
+  (void)worker, (void)scratch;
+  const out_job *j = arg;
+  int64_t n = j->n * j->W;
+  float *dst = j->y + ((int64_t)c * j->H + j->y0) * j->W;
+  const float *src = j->out + (int64_t)c * n;
+  if (j->acc)
+    for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+  else
+    memcpy(dst, src, (size_t)n * sizeof(float));
+}
+
+/*
+** y = conv(silu(GroupNorm(x))) with a 3x3 stride-1 pad-1 conv (y += that when 'acc'),
+** without a normalized copy of x: each band of output rows normalizes the input rows
+** it reads (one more above and below) into the band buffer from statistics taken over
+** the whole map first, convolves them there and stores (or adds) its rows. Every output
+** is the same dot product over the same values as with the whole map normalized; only
+** the residual's addition moves into the store.
+*/
+static void norm_conv(vae_run *r, const vae_gnorm *n, const ops_conv *c, int xb, int64_t H, int64_t W, int yb,
+                      int acc) {
+  int64_t C = c->cin, co = c->cout, HW = H * W;
+  int64_t R = band_rows(r, (C + co) * W, H);
+  const float *x = at(r, xb, 0, (size_t)(C * HW));
+  float *y = at(r, yb, 0, (size_t)(co * HW));
+  int64_t in_rows = R + 2 < H ? R + 2 : H;
+  float *band = at(r, VAE_BUF_BAND, 0, (size_t)((C * in_rows + co * R) * W));
+  want_scratch(r, ops_conv2d_scratch(c, W));
+  r->done += 2.0 * (double)(co * C * c->kh * c->kw) * (double)HW;
+  if (r->plan) return;
+  ops_gn_stat st[VAE_GN_GROUPS];
+  ops_group_norm_stats(r->pool, x, C, HW, VAE_GN_GROUPS, VAE_GN_EPS, st);
+  float *out = band + C * in_rows * W;
+  for (int64_t y0 = 0; y0 < H; y0 += R) {
+    int64_t y1 = y0 + R < H ? y0 + R : H, a = y0 > 0 ? y0 - 1 : 0, b = y1 < H ? y1 + 1 : H;
+    ops_group_norm_rows(r->pool, x, C, H, W, VAE_GN_GROUPS, st, n->g, n->b, a, b, 1, band);
+    ops_conv2d(r->pool, band, b - a, W, c, 1, y0 == 0, 1, y1 == H, 1, out);
+    out_job j = {out, y, H, W, y0, y1 - y0, acc};
+    ops_pool_run(r->pool, (int)co, band_store_task, &j);
+  }
+}
+
+/* The 1x1 shortcut over buffer 'xb' in place (the buffer grows to the wider side). */
+static void shortcut(vae_run *r, const ops_conv *c, int xb, int64_t HW) {
+  int64_t wide = c->cin > c->cout ? c->cin : c->cout;
+  float *x = at(r, xb, 0, (size_t)(wide * HW));
+  want_scratch(r, ops_conv1x1_inplace_scratch(c));
+  r->done += 2.0 * (double)(c->cout * c->cin) * (double)HW;
+  if (!r->plan) ops_conv1x1_inplace(r->pool, x, HW, c);
+}
+
 /*
 ** ResnetBlock: x + conv2(silu(norm2(conv1(silu(norm1(x)))))), the residual through the
-** 1x1 shortcut when the width changes. 'x' (a buffer 0..2) holds the input and gets
-** the output; the other two buffers are scratch. With a shortcut it is computed first,
-** so that norm1 can then overwrite x in place.
+** 1x1 shortcut when the width changes. 'x' (buffer 0 or 1) holds the input and gets the
+** output; the other one holds conv1's output. Once conv1 has read x, the shortcut
+** replaces x in place, and conv2 adds onto it band by band: the block needs its input,
+** one map of its width and a band.
 */
 static void resblock(vae_run *r, const vae_res *b, int x, int64_t H, int64_t W) {
-  int64_t HW = H * W;
-  if (b->has_sc) {
-    int s = other(x, -1), t = other(x, s);
-    conv(r, &b->sc, x, 0, H, W, 1, 0, 0, s, 0, NULL, NULL);
-    norm(r, &b->n1, x, x, HW, 1);
-    conv(r, &b->c1, x, 0, H, W, 1, 1, 1, t, 0, NULL, NULL);
-    norm(r, &b->n2, t, t, HW, 1);
-    conv(r, &b->c2, t, 0, H, W, 1, 1, 1, x, 0, NULL, NULL);
-    add(r, x, s, (size_t)(b->cout * HW));
-  } else {
-    int t = other(x, -1), u = other(x, t);
-    norm(r, &b->n1, x, t, HW, 1);
-    conv(r, &b->c1, t, 0, H, W, 1, 1, 1, u, 0, NULL, NULL);
-    norm(r, &b->n2, u, u, HW, 1);
-    conv(r, &b->c2, u, 0, H, W, 1, 1, 1, t, 0, NULL, NULL);
-    add(r, x, t, (size_t)(b->cout * HW));
-  }
+  int u = other(x);
+  norm_conv(r, &b->n1, &b->c1, x, H, W, u, 0);
+  if (b->has_sc) shortcut(r, &b->sc, x, H * W);
+  norm_conv(r, &b->n2, &b->c2, u, H, W, x, 1);
 }
 
 /* AttnBlock: x + proj_out(softmax(q^T k / sqrt(C)) v) over the H*W positions, one head. */
 static void attention(vae_run *r, const vae_attn *a, int x, int64_t H, int64_t W) {
   int64_t C = a->c, N = H * W;
   size_t cn = (size_t)(C * N);
-  int t = other(x, -1), u = other(x, t);
+  int t = VAE_BUF_BAND, u = other(x);
   norm(r, &a->n, x, t, N, 0);
   conv(r, &a->q, t, 0, H, W, 1, 0, 0, u, 0, NULL, NULL);
   conv(r, &a->k, t, 0, H, W, 1, 0, 0, u, cn, NULL, NULL);
@@ -668,8 +742,7 @@ static void band_out_task(void *arg, int c, int worker, float *scratch) {
 
 static void upsample_conv(vae_run *r, const ops_conv *c, int xb, int64_t H, int64_t W, int yb, int tb) {
   int64_t C = c->cin, co = c->cout, H2 = 2 * H, W2 = 2 * W;
-  int64_t R = (int64_t)(r->band_floats ? r->band_floats : VAE_BAND_FLOATS) / ((C + co) * W2) - 2;
-  if (R < 1) R = 1;
+  int64_t R = band_rows(r, (C + co) * W2, H2);
   if (R >= H2) { /* one band: the whole map */
     const float *x = at(r, xb, 0, (size_t)(C * H * W));
     float *u = at(r, tb, 0, (size_t)(C * H2 * W2));
@@ -708,11 +781,11 @@ int vae_run_decoder(vae_run *r, int in, int64_t h, int64_t w, int64_t *oh, int64
   int n = hp->n_levels, nb = hp->num_res_blocks + 1, cur = in;
   int64_t H = h, W = w;
   if (hp->has_quant) {
-    int dst = other(cur, -1);
+    int dst = other(cur);
     conv(r, &m->post_quant, cur, 0, H, W, 1, 0, 0, dst, 0, NULL, NULL);
     cur = dst;
   }
-  int dst = other(cur, -1);
+  int dst = other(cur);
   conv(r, &d->conv_in, cur, 0, H, W, 1, 1, 1, dst, 0, NULL, NULL);
   cur = dst;
   if (tick(r)) return -1;
@@ -724,17 +797,16 @@ int vae_run_decoder(vae_run *r, int in, int64_t h, int64_t w, int64_t *oh, int64
       if (tick(r)) return -1;
     }
     if (i > 0) {
-      int t = other(cur, -1);
-      upsample_conv(r, &d->resample[i], cur, H, W, t, other(cur, t));
+      int t = other(cur);
+      upsample_conv(r, &d->resample[i], cur, H, W, t, VAE_BUF_BAND);
       cur = t;
       H *= 2;
       W *= 2;
       if (tick(r)) return -1;
     }
   }
-  norm(r, &d->norm_out, cur, cur, H * W, 1);
-  int o = other(cur, -1);
-  conv(r, &d->conv_out, cur, 0, H, W, 1, 1, 1, o, 0, NULL, NULL);
+  int o = other(cur);
+  norm_conv(r, &d->norm_out, &d->conv_out, cur, H, W, o, 0);
   if (tick(r)) return -1;
   *oh = H;
   *ow = W;
@@ -747,7 +819,7 @@ int vae_run_encoder(vae_run *r, int in, int64_t h, int64_t w, int64_t *oh, int64
   const vae_hparams *hp = &m->hp;
   int n = hp->n_levels, nb = hp->num_res_blocks;
   int64_t H = h, W = w;
-  int cur = other(in, -1);
+  int cur = other(in);
   conv(r, &e->conv_in, in, 0, H, W, 1, 1, 1, cur, 0, NULL, NULL);
   if (tick(r)) return -1;
   for (int i = 0; i < n; i++) {
@@ -757,7 +829,7 @@ int vae_run_encoder(vae_run *r, int in, int64_t h, int64_t w, int64_t *oh, int64
     }
     if (i < n - 1) {
       /* pad right and bottom by one, then a 3x3 stride-2 conv */
-      int t = other(cur, -1);
+      int t = other(cur);
       conv(r, &e->resample[i], cur, 0, H, W, 2, 0, 1, t, 0, &H, &W);
       cur = t;
       if (tick(r)) return -1;
@@ -765,12 +837,11 @@ int vae_run_encoder(vae_run *r, int in, int64_t h, int64_t w, int64_t *oh, int64
   }
   mid(r, e, cur, H, W);
   if (r->rc) return -1;
-  norm(r, &e->norm_out, cur, cur, H * W, 1);
-  int o = other(cur, -1);
-  conv(r, &e->conv_out, cur, 0, H, W, 1, 1, 1, o, 0, NULL, NULL);
+  int o = other(cur);
+  norm_conv(r, &e->norm_out, &e->conv_out, cur, H, W, o, 0);
   cur = o;
   if (hp->has_quant) {
-    o = other(cur, -1);
+    o = other(cur);
     conv(r, &m->quant, cur, 0, H, W, 1, 0, 0, o, 0, NULL, NULL);
     cur = o;
   }
@@ -841,7 +912,7 @@ int vae_check_decode(const vae *m, ops_pool *pool, const float *latent, int B, i
                      const float *image, char *err) {
   if (!m || !pool || !latent || !image) return luna_fail(err, LUNA_EINVAL, "vae_decode: NULL argument");
   if (!m->hp.has_decoder)
-    return luna_fail(err, LUNA_EMODEL, "this VAE has no decoder (its file holds only an encoder): it cannot decode");
+    return luna_fail(err, LUNA_EMODEL, "this VAE has no decoder (its file holds only an encoder, or it was loaded without one): it cannot decode");
   if (B < 1) return luna_fail(err, LUNA_EINVAL, "vae_decode: a batch of %d latents", B);
   int64_t max = VAE_MAX_SIDE / m->scale;
   if (h < 1 || w < 1 || h > max || w > max)
@@ -854,7 +925,7 @@ int vae_check_encode(const vae *m, ops_pool *pool, const float *pixels, int B, i
                      const float *latent, char *err) {
   if (!m || !pool || !pixels || !latent) return luna_fail(err, LUNA_EINVAL, "vae_encode: NULL argument");
   if (!m->hp.has_encoder)
-    return luna_fail(err, LUNA_EMODEL, "this VAE has no encoder (its file holds only a decoder): it cannot encode");
+    return luna_fail(err, LUNA_EMODEL, "this VAE has no encoder (its file holds only a decoder, or it was loaded without one): it cannot encode");
   if (B < 1) return luna_fail(err, LUNA_EINVAL, "vae_encode: a batch of %d images", B);
   if (H < m->scale || W < m->scale || H > VAE_MAX_SIDE || W > VAE_MAX_SIDE)
     return luna_fail(err, LUNA_EINVAL, "an image of %lld x %lld pixels: each side must be in [%d, %d]", (long long)H,

@@ -33,6 +33,12 @@ typedef struct vae vae;
 ** Linear or 1x1 conv weights). Dimensions come from the shapes. Weights are kept fp32
 ** (ComfyUI's CPU dtype). Missing, misshapen and unexpected tensors are errors naming them. */
 int vae_load(const char *path, vae **out, char *err);
+/* vae_load_parts loads only the encoder, only the decoder or both (VAE_PART_*): the other
+** half is still checked tensor by tensor but holds no memory, and the model then acts as
+** one whose file lacks it (a decode-only SD VAE holds 60% of the weights). VAE_PART_ALL
+** loads what the file has; one half must be in the file. */
+enum { VAE_PART_ENCODER = 1, VAE_PART_DECODER = 2, VAE_PART_ALL = 3 };
+int vae_load_parts(const char *path, int parts, vae **out, char *err);
 void vae_free(vae *m);
 const vae_hparams *vae_get_hparams(const vae *m);
 size_t vae_weight_bytes(const vae *m);

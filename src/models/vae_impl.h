@@ -51,13 +51,14 @@ struct vae {
 };
 
 /*
-** One run of the encoder or the decoder over an image. Activations live in three
-** buffers (0..2) that the blocks pass around, and the input in VAE_BUF_IN. In plan mode
+** One run of the encoder or the decoder over an image. Activations live in buffers 0
+** and 1, which the blocks pass around (a block's input and output in one, its middle
+** map in the other), row bands in VAE_BUF_BAND, and the input in VAE_BUF_IN. In plan mode
 ** nothing is computed: the same code only records what each buffer must hold, the
 ** worker scratch and the FLOPs, so that buffers are allocated once, for the largest
 ** stage, and the estimates are exact.
 */
-enum { VAE_BUF_IN = 3, VAE_N_BUF = 4 };
+enum { VAE_BUF_BAND = 2, VAE_BUF_IN = 3, VAE_N_BUF = 4 };
 
 typedef struct vae_run {
   const vae *m;

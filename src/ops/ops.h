@@ -123,6 +123,31 @@ ops_conv_method ops_conv2d_get_method(void);
 void ops_group_norm(ops_pool *p, const float *x, int64_t C, int64_t HW, int groups, const float *g,
                     const float *b, float eps, float *y);
 
+/* GroupNorm in two steps, for a map normalized a band of rows at a time:
+** ops_group_norm_stats computes what ops_group_norm computes of each group of x [C, HW]
+** ('groups' entries in 'st'); ops_group_norm_rows then writes y [C, r1 - r0, W], rows
+** r0 .. r1-1 of GroupNorm(x [C, H, W]) and then SiLU when 'silu': the same bits as
+** those rows of ops_group_norm (and ops_silu). */
+typedef struct ops_gn_stat {
+  float mh, ml; /* the mean as a float pair */
+  double rstd;  /* 1 / sqrt(var + eps) */
+} ops_gn_stat;
+void ops_group_norm_stats(ops_pool *p, const float *x, int64_t C, int64_t HW, int groups, float eps,
+                          ops_gn_stat *st);
+void ops_group_norm_rows(ops_pool *p, const float *x, int64_t C, int64_t H, int64_t W, int groups,
+                         const ops_gn_stat *st, const float *g, const float *b, int64_t r0, int64_t r1, int silu,
+                         float *y);
+
+/* A 1x1 convolution in place: 'x' holds [cin, HW] in a buffer of at least
+** max(cin, cout) * HW floats; afterwards its first cout * HW floats are y [cout, HW]. The
+** positions go in blocks of OPS_CONV1X1_COLS (one task each, by the shape alone), each
+** computed into worker scratch (ops_conv1x1_inplace_scratch floats, grown when short;
+** a slow path without scratch otherwise) and then written over its own columns, which
+** no other block reads. The same dot products as ops_conv2d's 1x1 path. */
+#define OPS_CONV1X1_COLS 4096
+void ops_conv1x1_inplace(ops_pool *p, float *x, int64_t HW, const ops_conv *c);
+size_t ops_conv1x1_inplace_scratch(const ops_conv *c);
+
 /* In place: x * sigmoid(x), with a vectorised exp within 2 ulp of expf. */
 void ops_silu(ops_pool *p, float *x, int64_t n);
 
@@ -148,8 +173,17 @@ int ops_pool_reserve(ops_pool *p, size_t floats);
 /* ops_blas_setup makes sure OpenBLAS runs kernels that fit this CPU: OpenBLAS 0.3.21
 ** does not know recent Intel cores and falls back to its slowest ("Prescott") kernels.
 ** When OPENBLAS_CORETYPE is unset and the CPU has AVX-512 (or AVX2+FMA), it sets the
-** variable and re-executes the program with 'argv' (once). Returns normally otherwise. */
+** variable and re-executes the program with 'argv' (once); likewise with OPENBLAS_NUM_THREADS=1
+** when that is unset and OpenBLAS would start threads of its own. Returns normally
+** otherwise. */
 void ops_blas_setup(char **argv);
+
+/* Fixes glibc's mmap threshold at 1 MiB for the process. By default it rises to the
+** size of the largest mmap'd block freed (up to 32 MiB): transient buffers such as the
+** Winograd weights (16 MiB at 512 channels) then come from per-thread heaps and stay
+** resident after they are freed, about 100 MiB more at the peak of a VAE decode. Call
+** before starting threads. */
+void ops_memory_setup(void);
 
 /* The OpenBLAS kernel family in use, e.g. "SkylakeX". */
 const char *ops_blas_core(void);

@@ -6,6 +6,7 @@
 #include "core/status.h"
 
 #include <cblas.h>
+#include <malloc.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -410,6 +411,8 @@ void ops_attention_causal(ops_pool *p, const float *q, const float *k, const flo
 
 const char *ops_blas_core(void) { return openblas_get_corename(); }
 
+void ops_memory_setup(void) { mallopt(M_MMAP_THRESHOLD, 1 << 20); }
+
 void ops_blas_setup(char **argv) {
   const char *core = openblas_get_corename();
   static const char *good[] = {"Haswell", "Zen", "SkylakeX", "Cooperlake", "SapphireRapids"};
@@ -425,8 +428,11 @@ void ops_blas_setup(char **argv) {
     want = "Haswell";
   int upgrade = want && !getenv("OPENBLAS_CORETYPE") && !getenv("LUNA_BLAS_REEXEC") &&
                 (!is_good || (!strcmp(want, "SkylakeX") && !strcasecmp(core, "Haswell")));
-  if (upgrade && argv) {
-    setenv("OPENBLAS_CORETYPE", want, 1);
+  /* OpenBLAS's own threads start before main() and so do not block the signals lunad
+  ** reads from a signalfd: a SIGTERM would kill the process instead of stopping it */
+  int own_threads = !getenv("OPENBLAS_NUM_THREADS") && !getenv("LUNA_BLAS_REEXEC") && openblas_get_num_threads() > 1;
+  if ((upgrade || own_threads) && argv) {
+    if (upgrade) setenv("OPENBLAS_CORETYPE", want, 1);
     /* luna runs its own workers; keep OpenBLAS from starting idle ones of its own */
     if (!getenv("OPENBLAS_NUM_THREADS")) setenv("OPENBLAS_NUM_THREADS", "1", 1);
     setenv("LUNA_BLAS_REEXEC", "1", 1);

@@ -581,6 +581,62 @@ void ops_conv2d(ops_pool *p, const float *x, int64_t H, int64_t W, const ops_con
   ops_pool_run(p, (int)tasks, conv_task, &j);
 }
 
+typedef struct {
+  float *x;
+  const ops_conv *c;
+  int64_t HW;
+} c1x1_job;
+
+/* Bias, then copy the block's result [cout, n] at 'r' over columns p0.. of 'y'. */
+static void c1x1_store(const c1x1_job *j, const float *r, int64_t p0, int64_t n) {
+  const ops_conv *c = j->c;
+  for (int64_t co = 0; co < c->cout; co++) {
+    float *dst = j->x + co * j->HW + p0, bv = c->b ? c->b[co] : 0.0f;
+    const float *src = r + co * n;
+    for (int64_t i = 0; i < n; i++) dst[i] = src[i] + bv;
+  }
+}
+
+static void c1x1_task(void *a, int task, int worker, float *scratch) {
+  (void)worker;
+  const c1x1_job *j = a;
+  const ops_conv *c = j->c;
+  int64_t p0 = (int64_t)task * OPS_CONV1X1_COLS, n = min64(OPS_CONV1X1_COLS, j->HW - p0);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)c->cout, (blasint)n, (blasint)c->cin, 1.0f,
+              c->w, (blasint)c->cin, j->x + p0, (blasint)j->HW, 0.0f, scratch, (blasint)n);
+  c1x1_store(j, scratch, p0, n);
+}
+
+/* Without scratch: one position at a time on the calling thread, through the stack
+** (the VAE's widths are at most 1024). */
+static void c1x1_plain(const c1x1_job *j) {
+  const ops_conv *c = j->c;
+  float col[1024], out[1024];
+  LUNA_ASSERT(c->cin <= 1024 && c->cout <= 1024);
+  for (int64_t p = 0; p < j->HW; p++) {
+    for (int64_t ci = 0; ci < c->cin; ci++) col[ci] = j->x[ci * j->HW + p];
+    for (int64_t co = 0; co < c->cout; co++) {
+      float s = 0.0f;
+      for (int64_t ci = 0; ci < c->cin; ci++) s += c->w[co * c->cin + ci] * col[ci];
+      out[co] = s;
+    }
+    c1x1_store(j, out, p, 1);
+  }
+}
+
+size_t ops_conv1x1_inplace_scratch(const ops_conv *c) { return (size_t)c->cout * OPS_CONV1X1_COLS; }
+
+void ops_conv1x1_inplace(ops_pool *p, float *x, int64_t HW, const ops_conv *c) {
+  LUNA_ASSERT(c->kh == 1 && c->kw == 1 && c->cout > 0 && c->cin > 0);
+  if (HW <= 0) return;
+  c1x1_job j = {x, c, HW};
+  if (ops_pool_reserve(p, ops_conv1x1_inplace_scratch(c)) != 0) {
+    c1x1_plain(&j);
+    return;
+  }
+  ops_pool_run(p, (int)((HW + OPS_CONV1X1_COLS - 1) / OPS_CONV1X1_COLS), c1x1_task, &j);
+}
+
 /* ---- GroupNorm ------------------------------------------------------------------- */
 
 typedef struct {
@@ -635,24 +691,32 @@ static void affine_copy(float *restrict y, const float *restrict x, int64_t n, f
   for (; i < n; i++) y[i] = ((x[i] - mh) - ml) * sc + sh;
 }
 
-static void gn_task(void *a, int task, int worker, float *scratch) {
-  (void)worker;
-  (void)scratch;
-  const gn_job *j = a;
-  int64_t c0 = (int64_t)task * j->cpg, n = j->cpg * j->HW;
-  const float *x = j->x + c0 * j->HW;
+/* The statistics of the group of n floats at x, as ops_group_norm uses them. */
+static ops_gn_stat gn_stat(const float *x, int64_t n, float eps) {
   double shift = x[0], s1, s2;
   moments_f64(x, n, shift, &s1, &s2);
   double dm = s1 / (double)n, mean = shift + dm, var = s2 / (double)n - dm * dm;
   if (var < 0) var = 0;
-  float mh = (float)mean, ml = (float)(mean - (double)mh);
-  double rstd = 1.0 / sqrt(var + (double)j->eps);
+  ops_gn_stat st;
+  st.mh = (float)mean;
+  st.ml = (float)(mean - (double)st.mh);
+  st.rstd = 1.0 / sqrt(var + (double)eps);
+  return st;
+}
+
+static void gn_task(void *a, int task, int worker, float *scratch) {
+  (void)worker;
+  (void)scratch;
+  const gn_job *j = a;
+  int64_t c0 = (int64_t)task * j->cpg;
+  const float *x = j->x + c0 * j->HW;
+  ops_gn_stat st = gn_stat(x, j->cpg * j->HW, j->eps);
   for (int64_t c = 0; c < j->cpg; c++) {
     const float *xc = x + c * j->HW;
     float *yc = j->y + (c0 + c) * j->HW;
-    float sc = (float)(rstd * j->g[c0 + c]), sh = j->b[c0 + c];
-    if (yc == xc) affine_inplace(yc, j->HW, mh, ml, sc, sh);
-    else affine_copy(yc, xc, j->HW, mh, ml, sc, sh);
+    float sc = (float)(st.rstd * j->g[c0 + c]), sh = j->b[c0 + c];
+    if (yc == xc) affine_inplace(yc, j->HW, st.mh, st.ml, sc, sh);
+    else affine_copy(yc, xc, j->HW, st.mh, st.ml, sc, sh);
   }
 }
 
@@ -662,6 +726,52 @@ void ops_group_norm(ops_pool *p, const float *x, int64_t C, int64_t HW, int grou
   if (HW <= 0) return;
   gn_job j = {x, y, g, b, HW, C / groups, eps};
   ops_pool_run(p, groups, gn_task, &j);
+}
+
+typedef struct {
+  const float *x;
+  float *y;
+  ops_gn_stat *st;
+  const float *g, *b;
+  int64_t H, W, cpg, r0, r1;
+  float eps;
+  int silu;
+} gn_rows_job;
+
+static void gn_stats_task(void *a, int task, int worker, float *scratch) {
+  (void)worker;
+  (void)scratch;
+  const gn_rows_job *j = a;
+  int64_t n = j->cpg * j->H * j->W;
+  j->st[task] = gn_stat(j->x + (int64_t)task * n, n, j->eps);
+}
+
+void ops_group_norm_stats(ops_pool *p, const float *x, int64_t C, int64_t HW, int groups, float eps,
+                          ops_gn_stat *st) {
+  LUNA_ASSERT(groups > 0 && C % groups == 0);
+  if (HW <= 0) return;
+  gn_rows_job j = {.x = x, .st = st, .H = 1, .W = HW, .cpg = C / groups, .eps = eps};
+  ops_pool_run(p, groups, gn_stats_task, &j);
+}
+
+static void gn_rows_task(void *a, int task, int worker, float *scratch) {
+  (void)worker;
+  (void)scratch;
+  const gn_rows_job *j = a;
+  int64_t c = task, n = (j->r1 - j->r0) * j->W;
+  const ops_gn_stat *st = &j->st[c / j->cpg];
+  float *yc = j->y + c * n;
+  affine_copy(yc, j->x + (c * j->H + j->r0) * j->W, n, st->mh, st->ml, (float)(st->rstd * j->g[c]), j->b[c]);
+  if (j->silu) silu_span(yc, n);
+}
+
+void ops_group_norm_rows(ops_pool *p, const float *x, int64_t C, int64_t H, int64_t W, int groups,
+                         const ops_gn_stat *st, const float *g, const float *b, int64_t r0, int64_t r1, int silu,
+                         float *y) {
+  LUNA_ASSERT(groups > 0 && C % groups == 0 && 0 <= r0 && r0 <= r1 && r1 <= H);
+  if (r1 == r0 || W <= 0) return;
+  gn_rows_job j = {x, y, (ops_gn_stat *)st, g, b, H, W, C / groups, r0, r1, 0.0f, silu};
+  ops_pool_run(p, (int)C, gn_rows_task, &j);
 }
 
 /* ---- SiLU and upsampling --------------------------------------------------------- */

@@ -58,6 +58,7 @@ static int read_token(const char *path, char *err) {
 
 int main(int argc, char **argv) {
   ops_blas_setup(argv); /* may re-execute once with better OpenBLAS kernels */
+  ops_memory_setup();
   char err[LUNA_ERR_LEN] = "";
   int rc = config_parse_args(&srv.cfg, argc, argv, err);
   if (rc == 1) {

@@ -295,6 +295,62 @@ static void test_group_norm(void **state) {
   check_group_norm(64, 1, 32, 0.0f, 0); /* two values per group */
 }
 
+/* GroupNorm a band of rows at a time: the same values as the whole map normalized and
+** then SiLU'd (within 1 ulp: SiLU's vector and scalar tails may round apart). */
+static void test_group_norm_rows(void **state) {
+  (void)state;
+  int64_t C = 64, H = 13, W = 11, HW = H * W;
+  float *x = rand_buf(C * HW, 2.0f, 5.0f), *g = rand_buf(C, 1.0f, 0.5f), *b = rand_buf(C, 1.0f, 0.0f);
+  float *whole = malloc(sizeof(float) * (size_t)(C * HW)), *band = malloc(sizeof(float) * (size_t)(C * HW));
+  ops_pool *p = ops_pool_create(2, 16);
+  assert_non_null(p);
+  ops_group_norm(p, x, C, HW, 32, g, b, 1e-6f, whole);
+  ops_silu(p, whole, C * HW);
+  ops_gn_stat st[32];
+  ops_group_norm_stats(p, x, C, HW, 32, 1e-6f, st);
+  for (int64_t r0 = 0; r0 < H; r0 += 5) {
+    int64_t r1 = r0 + 5 < H ? r0 + 5 : H;
+    ops_group_norm_rows(p, x, C, H, W, 32, st, g, b, r0, r1, 1, band);
+    for (int64_t c = 0; c < C; c++)
+      for (int64_t i = 0; i < (r1 - r0) * W; i++) {
+        float a = whole[c * HW + r0 * W + i], v = band[c * (r1 - r0) * W + i];
+        if (!(fabsf(a - v) <= 1e-6f * fabsf(a) + 1e-30f))
+          fail_msg("group_norm_rows channel %lld rows %lld..%lld: %g, whole map %g", (long long)c, (long long)r0,
+                   (long long)r1, v, a);
+      }
+  }
+  ops_pool_free(p);
+  free(x); free(g); free(b); free(whole); free(band);
+}
+
+/* The 1x1 conv in place, narrowing and widening, over more positions than one block:
+** within TOL of the reference, the same bits on 1 and 2 threads. */
+static void test_conv1x1_inplace(void **state) {
+  (void)state;
+  int64_t HW = OPS_CONV1X1_COLS * 2 + 77;
+  int64_t shapes[2][2] = {{48, 24}, {24, 40}};
+  for (int s = 0; s < 2; s++) {
+    conv_case k = {shapes[s][0], shapes[s][1], 1, HW, 1, 1, 1, 0, 0, 0, 0, 1};
+    int64_t wide = k.cin > k.cout ? k.cin : k.cout;
+    float *x = rand_buf(k.cin * HW, 1.0f, 0.0f), *w = rand_buf(k.cout * k.cin, 0.3f, 0.0f), *b = rand_buf(k.cout, 1.0f, 0.0f);
+    double *ref = malloc(sizeof(double) * (size_t)(k.cout * HW));
+    conv_ref(x, &k, w, b, 1, HW, ref);
+    ops_conv c = {k.cout, k.cin, 1, 1, w, b};
+    float *y[2];
+    for (int t = 0; t < 2; t++) {
+      y[t] = malloc(sizeof(float) * (size_t)(wide * HW));
+      memcpy(y[t], x, sizeof(float) * (size_t)(k.cin * HW));
+      ops_pool *p = ops_pool_create(t + 1, 16);
+      ops_conv1x1_inplace(p, y[t], HW, &c);
+      ops_pool_free(p);
+      double e = rel_err(y[t], ref, k.cout * HW);
+      if (!(e <= TOL)) fail_msg("conv1x1_inplace %lld -> %lld: rel error %g", (long long)k.cin, (long long)k.cout, e);
+    }
+    assert_memory_equal(y[0], y[1], sizeof(float) * (size_t)(k.cout * HW));
+    free(x); free(w); free(b); free(ref); free(y[0]); free(y[1]);
+  }
+}
+
 static void test_silu(void **state) {
   (void)state;
   int64_t n = 20011;
@@ -404,6 +460,8 @@ int main(void) {
       cmocka_unit_test(test_conv_reserves_itself),
       cmocka_unit_test(test_pool_reserve),
       cmocka_unit_test(test_group_norm),
+      cmocka_unit_test(test_group_norm_rows),
+      cmocka_unit_test(test_conv1x1_inplace),
       cmocka_unit_test(test_silu),
       cmocka_unit_test(test_upsample),
       cmocka_unit_test(test_attention_single),

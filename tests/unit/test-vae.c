@@ -717,6 +717,42 @@ static void test_halves(void **state) {
   assert_int_equal(vae_decode(m, pool, lat, 1, 2, 2, NULL, im, NULL, NULL, err), LUNA_EMODEL);
   assert_non_null(strstr(err, "no decoder"));
   vae_free(m);
+  /* the half a file lacks cannot be asked for */
+  assert_int_equal(vae_load_parts(tpath("enc.safetensors"), VAE_PART_DECODER, &m, err), LUNA_EMODEL);
+  assert_null(m);
+  assert_non_null(strstr(err, "no decoder"));
+  assert_int_equal(vae_load_parts(tpath("enc.safetensors"), 4, &m, err), LUNA_EINVAL);
+  wl_free(&L);
+}
+
+/* Loading one half of a whole VAE: the same results as the whole model, about the
+** weights of that half only, and the other half refused as if the file lacked it. */
+static void test_load_parts(void **state) {
+  (void)state;
+  char err[LUNA_ERR_LEN];
+  wlist L = make(&small, "", 5);
+  write_file(&L, tpath("parts.safetensors"));
+  vae *all = load_ok(tpath("parts.safetensors")), *d = NULL, *e = NULL;
+  assert_int_equal(vae_load_parts(tpath("parts.safetensors"), VAE_PART_DECODER, &d, err), 0);
+  assert_int_equal(vae_load_parts(tpath("parts.safetensors"), VAE_PART_ENCODER, &e, err), 0);
+  assert_true(vae_weight_bytes(d) < vae_weight_bytes(all) && vae_weight_bytes(e) < vae_weight_bytes(all));
+  assert_int_equal(vae_weight_bytes(d) + vae_weight_bytes(e), vae_weight_bytes(all));
+  int h = 3, w = 5, S = vae_scale(all);
+  float *lat = rand_buf((size_t)(4 * h * w), -1, 1), *px = rand_buf((size_t)(h * S * w * S * 3), 0, 1);
+  size_t ni = (size_t)(h * S * w * S * 3), nl = (size_t)(4 * h * w);
+  float *i1 = malloc(ni * sizeof(float)), *i2 = malloc(ni * sizeof(float));
+  float *z1 = malloc(nl * sizeof(float)), *z2 = malloc(nl * sizeof(float));
+  decode_ok(all, lat, 1, h, w, NULL, i1);
+  decode_ok(d, lat, 1, h, w, NULL, i2);
+  assert_memory_equal(i1, i2, ni * sizeof(float));
+  encode_ok(all, px, 1, h * S, w * S, NULL, z1);
+  encode_ok(e, px, 1, h * S, w * S, NULL, z2);
+  assert_memory_equal(z1, z2, nl * sizeof(float));
+  assert_int_equal(vae_encode(d, pool, px, 1, h * S, w * S, NULL, z2, NULL, NULL, err), LUNA_EMODEL);
+  assert_non_null(strstr(err, "loaded without one"));
+  assert_int_equal(vae_decode(e, pool, lat, 1, h, w, NULL, i2, NULL, NULL, err), LUNA_EMODEL);
+  free(lat), free(px), free(i1), free(i2), free(z1), free(z2);
+  vae_free(all), vae_free(d), vae_free(e);
   wl_free(&L);
 }
 
@@ -1059,10 +1095,12 @@ static void test_estimates(void **state) {
   vae *m = load_ok(tpath("e.safetensors"));
   int64_t h = 10, w = 12;
   /* decoder widths 64 (level 1, h x w) and 32 (level 0, 2h x 2w), buffer by buffer: the
-  ** upsampling conv's 64 x 2h x 2w output; up.0.block.0's 32 x 2h x 2w shortcut; the
-  ** upsampled map (one band at this size), larger than the mid attention's q, k, v */
+  ** upsampling conv's 64 x 2h x 2w output; up.0.block.0's conv1 output, 32 x 2h x 2w;
+  ** the band buffer, one band at this size: up.0.block.0's whole input normalized
+  ** (64 x 2h x 2w) and conv1's output rows (32 x 2h x 2w), larger than the upsampled map
+  ** and the mid attention's normalized map */
   size_t big = 64 * (size_t)(4 * h * w), half = 32 * (size_t)(4 * h * w);
-  assert_int_equal(vae_decode_bytes(m, h, w), (2 * big + half) * sizeof(float));
+  assert_int_equal(vae_decode_bytes(m, h, w), (2 * big + 2 * half) * sizeof(float));
   assert_true(vae_encode_bytes(m, 2 * h, 2 * w) >= 3 * 4 * (size_t)(h * w) * sizeof(float));
   assert_true(vae_scratch(m, 2 * h, 2 * w) >= ops_attention_single_scratch(h * w));
   vae_free(m);
@@ -1073,7 +1111,8 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_load_ldm),        cmocka_unit_test(test_reference),
       cmocka_unit_test(test_diffusers),       cmocka_unit_test(test_errors),
-      cmocka_unit_test(test_halves),          cmocka_unit_test(test_bad_inputs),
+      cmocka_unit_test(test_halves),          cmocka_unit_test(test_load_parts),
+      cmocka_unit_test(test_bad_inputs),
       cmocka_unit_test(test_tiled_whole),     cmocka_unit_test(test_tiled_reference),
       cmocka_unit_test(test_tiling_errors),   cmocka_unit_test(test_progress),
       cmocka_unit_test(test_banded_upsampling), cmocka_unit_test(test_estimates),
