@@ -20,12 +20,19 @@ which recv() never returns as replies (send(..., progress=fn) routes them per re
 LoRA stacks: encode(..., loras=[("style.safetensors", 0.8), ...]) names each LoRA by its
 identity (lora.lora_identity, remembered per file while its size and mtime stay), and
 when lunad answers ENOLORA uploads the files it lacks and asks again (at most
-LORA_ROUNDS times), as the C library does.
+LORA_ROUNDS times), as the C library does. An entry may also be a LoRA held in memory,
+LoraImage(data, strength[, identity]): 'data' the bytes of a safetensors image.
+
+Textual-inversion embeddings: a token slot of encode()'s 'tokens' may hold a 1-D float
+vector instead of an id (what ComfyUI's tokenizer puts there for "embedding:name"):
+the client sends the vectors in the binary part ("embeds", docs/PROTOCOL.md) and lunad
+uses each as that slot's input embedding.
 """
 
 import collections
 import json
 import math
+import numbers
 import os
 import socket
 import time
@@ -62,9 +69,36 @@ def _model_spec(model):
     return models[0] if len(models) == 1 else models
 
 
+def _check_strength(i, what, strength):
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise LunaError(proto.EINVAL, message="loras[%d] (%s): strength %r is not a finite number" % (i, what, strength))
+    return float(strength)
+
+
+def _image_entry(i, data, strength, ident):
+    """(LoraImage, strength, None) for an in-memory LoRA entry."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
+        raise LunaError(proto.EINVAL, message="loras[%d]: .data is not the bytes of a safetensors image" % i)
+    strength = _check_strength(i, "in-memory LoRA", strength)
+    try:
+        return _lora.LoraImage(data, strength, ident), strength, None
+    except LunaError as e:
+        raise LunaError(e.code, message="loras[%d]: %s" % (i, e.message)) from None
+
+
 def _lora_entry(i, e):
-    """(path, strength, daemon_path) from a (path, strength[, daemon_path]) tuple, a dict,
-    or an object with .path, .strength and optionally .daemon_path."""
+    """(source, strength, daemon_path) from a (path, strength[, daemon_path]) tuple, a dict,
+    an object with .path, .strength and optionally .daemon_path, or an in-memory LoRA
+    (LoraImage, or any object or dict with .data, .strength and optionally .identity).
+    'source' is a path (str) or a LoraImage."""
+    if isinstance(e, _lora.LoraImage):
+        return e, _check_strength(i, "in-memory LoRA", e.strength), None
+    if isinstance(e, tuple) and len(e) == 3 and isinstance(e[0], _lora.LoraImage) and e[2] is None:
+        return e[0], _check_strength(i, "in-memory LoRA", e[1]), None   # an entry lora_stack made
+    if isinstance(e, dict) and "data" in e:
+        return _image_entry(i, e.get("data"), e.get("strength"), e.get("identity"))
+    if not isinstance(e, (dict, tuple, list)) and hasattr(e, "data"):
+        return _image_entry(i, e.data, getattr(e, "strength", None), getattr(e, "identity", None))
     if isinstance(e, dict):
         path, strength, dpath = e.get("path"), e.get("strength"), e.get("daemon_path")
     elif isinstance(e, (tuple, list)):
@@ -76,15 +110,15 @@ def _lora_entry(i, e):
     if not isinstance(path, (str, bytes, os.PathLike)) or not os.fspath(path):
         raise LunaError(proto.EINVAL, message="loras[%d]: no file path" % i)
     path = os.fsdecode(path)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise LunaError(proto.EINVAL, message="loras[%d] (%s): strength %r is not a finite number" % (i, path, strength))
+    strength = _check_strength(i, path, strength)
     if dpath is not None and (not isinstance(dpath, (str, os.PathLike)) or not os.fspath(dpath)):
         raise LunaError(proto.EINVAL, message="loras[%d] (%s): daemon_path is empty (None for none)" % (i, path))
-    return path, float(strength), (os.fspath(dpath) if dpath is not None else None)
+    return path, strength, (os.fspath(dpath) if dpath is not None else None)
 
 
 def lora_stack(loras):
-    """The LoRA stack 'loras' (see Client.encode) as a list of (path, strength, daemon_path)."""
+    """The LoRA stack 'loras' (see Client.encode) as a list of (source, strength,
+    daemon_path), 'source' a path or a LoraImage."""
     if loras is None:
         return []
     stack = [_lora_entry(i, e) for i, e in enumerate(loras)]
@@ -95,6 +129,100 @@ def lora_stack(loras):
 
 def _stat_key(st):
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class EncodeRequest(dict):
+    """The JSON of an encode request (a dict) and, in '.raw', the bytes of its binary
+    part (the "embeds" vectors) or None. send() sends '.raw' when given no binary part."""
+
+    raw = None
+
+
+def _slot_error(key, ci, pj, text):
+    return LunaError(proto.EINVAL, message="tokens \"%s\" chunk %d slot %d: %s" % (key, ci, pj, text))
+
+
+def _as_vector(x, key, ci, pj):
+    """A token slot that is not an id as a float32 1-D numpy vector (numpy arrays,
+    torch tensors of any float dtype, lists of floats)."""
+    try:
+        a = np.asarray(x)
+        if a.dtype.kind not in "fiu":
+            raise TypeError("not numeric")
+        a = a.astype(np.float32)
+    except (TypeError, ValueError, RuntimeError):
+        # torch bfloat16 (numpy has no such dtype) and tensors on a device
+        try:
+            a = np.asarray(x.detach().to("cpu").float().numpy(), dtype=np.float32)
+        except Exception:
+            raise _slot_error(key, ci, pj, "%s is neither a token id (an int) nor a 1-D float vector"
+                              % type_name(x)) from None
+    if a.ndim != 1 or a.shape[0] < 1:
+        raise _slot_error(key, ci, pj, "an embedding vector must be 1-D and not empty, not of shape %s"
+                          % list(a.shape))
+    if not np.all(np.isfinite(a)):
+        bad = int(np.flatnonzero(~np.isfinite(a))[0])
+        raise _slot_error(key, ci, pj, "the embedding vector's value %d is %s" % (bad, a[bad]))
+    return np.ascontiguousarray(a, dtype="<f4")
+
+
+def prepare_tokens(tokens):
+    """Split ComfyUI's token dict into (JSON tokens, "embeds" description or None,
+    binary part bytes): ids (ints, numpy ints) stay ids, slots holding a vector become
+    {"embed": row} with the vector a row of that encoder's F32 matrix (equal vectors
+    share a row). Pairs (id, weight) and triples (id, weight, word id) are accepted;
+    structure and weights are checked by lunad, vectors here (EINVAL naming the
+    encoder, chunk and slot)."""
+    if not isinstance(tokens, dict):
+        return tokens, None, b""
+    out, mats = {}, {}
+    for key, chunks in tokens.items():
+        if not isinstance(chunks, (list, tuple)):
+            out[key] = chunks
+            continue
+        rows, index, width, first = [], {}, None, None
+        new_chunks = []
+        for ci, chunk in enumerate(chunks):
+            if not isinstance(chunk, (list, tuple)):
+                new_chunks.append(chunk)
+                continue
+            new_chunk = []
+            for pj, pair in enumerate(chunk):
+                if not isinstance(pair, (list, tuple)) or not pair:
+                    new_chunk.append(pair)
+                    continue
+                t = pair[0]
+                if isinstance(t, numbers.Integral) and not isinstance(t, bool):
+                    new_chunk.append([int(t)] + list(pair[1:]))
+                    continue
+                if isinstance(t, (numbers.Real, bool, str, bytes, dict)) or t is None:
+                    new_chunk.append(list(pair))  # lunad says what is wrong with it
+                    continue
+                v = _as_vector(t, key, ci, pj)
+                if width is None:
+                    width, first = v.shape[0], (ci, pj)
+                elif v.shape[0] != width:
+                    raise _slot_error(key, ci, pj, "an embedding vector of width %d, but the one at chunk %d slot %d "
+                                      "is %d wide (one encoder takes one width)" % (v.shape[0], first[0], first[1],
+                                                                                    width))
+                b = v.tobytes()
+                row = index.get(b)
+                if row is None:
+                    row = index[b] = len(rows)
+                    rows.append(b)
+                new_chunk.append([{"embed": row}] + list(pair[1:]))
+            new_chunks.append(new_chunk)
+        out[key] = new_chunks
+        if rows:
+            mats[key] = (b"".join(rows), len(rows), width)
+    if not mats:
+        return out, None, b""
+    desc, parts, off = {}, [], 0
+    for key, (data, n, width) in mats.items():
+        desc[key] = {"dtype": "F32", "shape": [n, width], "data_offsets": [off, off + len(data)]}
+        parts.append(data)
+        off += len(data)
+    return out, desc, b"".join(parts)
 
 
 class Client:
@@ -177,6 +305,7 @@ class Client:
         """Send one request of message 'type' (proto.MSG_*) with the JSON object 'msg'
         and optional tensors (dict name -> numpy array), or 'raw' bytes sent as the
         binary part as they are (no "tensors" description); return its request id.
+        An EncodeRequest 'msg' (encode_request) brings its own binary part, '.raw'.
         'progress': a callable(fraction) that receives this request's progress frames
         (VAE work whose 'msg' has "progress": true) until its reply is read."""
         if self._sock is None:
@@ -185,6 +314,8 @@ class Client:
             raise LunaError(proto.EINVAL, message="send tensors or a raw binary part, not both")
         if progress is not None and not callable(progress):
             raise LunaError(proto.EINVAL, message="progress is a callable(fraction), not %s" % type_name(progress))
+        if raw is None and not tensors and getattr(msg, "raw", None) is not None:
+            raw = msg.raw  # an EncodeRequest's embedding vectors
         rid = self._next_id
         self._next_id += 1
         if raw is None:
@@ -357,15 +488,21 @@ class Client:
     def encode_request(self, model, tokens=None, text=None, clip_layer=None, deadline_ms=None, cache=True,
                        loras=None):
         """The JSON of an encode request (for send()); the arguments are encode()'s.
-        With 'loras', each file's identity is computed here (a LoRA lunad lacks then
-        comes back as ENOLORA; lora_upload() it and send again)."""
+        With 'loras', each identity is computed here (a LoRA lunad lacks then comes back
+        as ENOLORA; lora_upload() it and send again). Returns an EncodeRequest: a dict
+        whose '.raw' holds the binary part when token slots carry embedding vectors
+        (send() sends it)."""
         if (tokens is None) == (text is None):
             raise LunaError(proto.EINVAL, message="give exactly one of tokens and text")
-        msg = {"model": _model_spec(model)}
+        msg = EncodeRequest(model=_model_spec(model))
         if tokens is not None:
             if isinstance(tokens, (str, bytes)):
                 tokens = json.loads(tokens)
+            tokens, embeds, raw = prepare_tokens(tokens)
             msg["tokens"] = tokens
+            if embeds:
+                msg["embeds"] = embeds
+                msg.raw = raw
         else:
             msg["text"] = text
         if clip_layer:
@@ -377,8 +514,8 @@ class Client:
         stack = lora_stack(loras)
         if stack:
             entries = []
-            for path, strength, dpath in stack:
-                e = {"id": self.lora_id(path), "strength": strength}
+            for src, strength, dpath in stack:
+                e = {"id": self._source_id(src), "strength": strength}
                 if dpath is not None:
                     e["path"] = dpath
                 entries.append(e)
@@ -391,7 +528,10 @@ class Client:
         model        a path relative to lunad's models folders, or a list of them (a
                      clip_l and a clip_g file)
         tokens       what ComfyUI's CLIP.tokenize() returns: {"l": chunks, "g": chunks},
-                     each chunk 77 (id, weight) pairs (a dict, or its JSON text)
+                     each chunk 77 (id, weight) pairs (a dict, or its JSON text). An id
+                     may instead be a 1-D float vector of the encoder's width (numpy
+                     array, torch tensor, list of floats): a textual-inversion
+                     embedding's vector, used as that slot's input embedding
         text         or the prompt itself, tokenized by lunad (needs its --tokenizer)
         clip_layer   -N as CLIPSetLastLayer(-N); None: the family's default
         deadline_ms  give up if the work has not started within this many ms
@@ -401,7 +541,10 @@ class Client:
                      object with .path, .strength and optionally .daemon_path (Lora).
                      'path' is a local file, read for its identity and uploaded when
                      lunad lacks it; 'daemon_path' the same file relative to lunad's
-                     --loras-dir, which lunad tries first; strength any finite number
+                     --loras-dir, which lunad tries first; strength any finite number.
+                     Or a LoRA in memory: LoraImage(data, strength[, identity]) (or an
+                     object with .data, .strength, optionally .identity), 'data' the
+                     bytes of a safetensors image, uploaded from memory when missing
 
         Returns (cond float32 [1, 77*chunks, D], pooled float32 [1, Dp], info), info
         being the reply without "tensors": {"family": "sdxl", "cached": False, ...},
@@ -515,6 +658,12 @@ class Client:
             pass
         return ident
 
+    def _source_id(self, src):
+        """The identity of a stack entry's source: a file (lora_id) or a LoraImage."""
+        if isinstance(src, _lora.LoraImage):
+            return src.identity
+        return self.lora_id(src)
+
     def _upload_missing(self, stack, ids, missing):
         todo = {}
         for m in missing:
@@ -523,12 +672,30 @@ class Client:
                 raise LunaError(proto.EPROTO, message="%s: lunad asks for LoRA %.80s, which is not in this "
                                 "request's stack" % (self.peer, m))
             todo.setdefault(ids[hits[0]], stack[hits[0]][0])
-        for ident, path in todo.items():
+        for ident, src in todo.items():
+            what = "in-memory LoRA %s" % ident[:16] if isinstance(src, _lora.LoraImage) else src
             try:
-                self.lora_upload(path, expect=ident)
+                if isinstance(src, _lora.LoraImage):
+                    self.lora_upload_image(src.data, expect=ident)
+                else:
+                    self.lora_upload(src, expect=ident)
             except LunaError as e:
-                raise LunaError(e.code, e.name, "uploading LoRA %s: %s" % (path, e.message), reply=e.reply) \
+                raise LunaError(e.code, e.name, "uploading LoRA %s: %s" % (what, e.message), reply=e.reply) \
                     from None
+
+    def lora_upload_image(self, data, expect=None):
+        """lora_upload() for a LoRA held in memory: 'data' the bytes of a safetensors
+        image (its text-encoder tensors are sent, as for a file). 'expect': the identity
+        the image should have (EINVAL when it differs)."""
+        ident, image = _lora.identity_and_image_of_bytes(data)
+        if expect is not None and ident != expect:
+            raise LunaError(proto.EINVAL, message="the in-memory LoRA's identity is %s, not the %s it was given"
+                            % (ident, expect))
+        reply = self.call(proto.MSG_LORA, {"action": "upload", "id": ident}, raw=image)[0]
+        got = reply.get("id")
+        if isinstance(got, str) and got.lower() != ident:
+            raise LunaError(proto.EPROTO, message="%s: lunad stored an in-memory LoRA %s as %s" % (self.peer, ident, got))
+        return reply
 
     def lora_upload(self, path, expect=None):
         """Upload the text-encoder tensors of the LoRA file at 'path' to lunad's LoRA

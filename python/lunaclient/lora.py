@@ -15,7 +15,10 @@ all integers little-endian. The identity is written as 64 lowercase hex digits.
     extract_te(path)     -> bytes: a safetensors image of its text-encoder tensors alone
                             (what Client.lora_upload sends); its identity is the file's
     identity_of_image(b) -> the identity of a safetensors image in memory
+    extract_te_image(b)  -> extract_te for a safetensors image in memory
     Lora(path, strength, daemon_path=None): an entry of Client.encode's loras
+    LoraImage(data, strength, identity=None): an entry of Client.encode's loras held
+                            in memory ('data' the bytes of a safetensors image)
 
 Only the standard library is used. The files are validated as luna's reader does
 (header size, JSON object, dtype, shape, offsets contiguous and ending with the file);
@@ -39,6 +42,39 @@ TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_prior_te
 # One entry of a LoRA stack for Client.encode(loras=[...]): a local file, its strength,
 # and optionally the same file's name relative to lunad's --loras-dir.
 Lora = namedtuple("Lora", "path strength daemon_path", defaults=(None,))
+
+
+class LoraImage:
+    """A LoRA held in memory, as an entry of Client.encode's loras: 'data' the bytes of
+    a safetensors image (only its text-encoder tensors matter), 'strength' ComfyUI's
+    strength_clip. 'identity' (64 hex digits) may be given when known; otherwise it is
+    computed from 'data' (identity_of_image) the first time it is needed, and kept."""
+
+    __slots__ = ("data", "strength", "_identity")
+
+    def __init__(self, data, strength, identity=None):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise LunaError(proto.EINVAL, message="LoraImage: data must be bytes (a safetensors image), not %s"
+                            % type(data).__name__)
+        if identity is not None:
+            if not isinstance(identity, str) or len(identity) != 64 or \
+                    any(ch not in "0123456789abcdef" for ch in identity.lower()):
+                raise LunaError(proto.EINVAL, message="LoraImage: identity must be 64 hex digits, not %.80r"
+                                % (identity,))
+            identity = identity.lower()
+        self.data = data
+        self.strength = strength
+        self._identity = identity
+
+    @property
+    def identity(self):
+        if self._identity is None:
+            self._identity = identity_of_image(self.data, "in-memory LoRA")
+        return self._identity
+
+    def __repr__(self):
+        return "LoraImage(<%d bytes>, %r, identity=%r)" % (len(self.data), self.strength, self._identity)
+
 
 # safetensors dtype names and their sizes in bytes
 DTYPE_SIZES = {
@@ -232,3 +268,16 @@ def identity_and_image(path):
     with _Mapped(path) as m:
         tensors, _, start = parse_header(m.buf, m.path)
         return _identity(m.buf, tensors, start), _extract(m.buf, tensors, start)
+
+
+def extract_te_image(buf, label="image"):
+    """extract_te for a safetensors image in memory (bytes-like): the image of its
+    text-encoder tensors alone, whose identity equals identity_of_image(buf)."""
+    tensors, _, start = parse_header(buf, label)
+    return _extract(buf, tensors, start)
+
+
+def identity_and_image_of_bytes(buf, label="in-memory LoRA"):
+    """(identity_of_image(buf), extract_te_image(buf)) from one parse of the image."""
+    tensors, _, start = parse_header(buf, label)
+    return _identity(buf, tensors, start), _extract(buf, tensors, start)

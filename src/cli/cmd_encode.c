@@ -343,7 +343,7 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
       goto fail;
     }
   }
-  const te_request req = {&tl, gp, (int)clip_layer, plan};
+  const te_request req = {.l = &tl, .g = gp, .clip_layer = (int)clip_layer, .plan = plan};
 
   double t1 = cmd_now_ms();
   if (plan ? te_set_encode_batch(set, pool, &req, 1, &o, err) : te_set_encode(set, pool, &tl, gp, (int)clip_layer, &o, err))

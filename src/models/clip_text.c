@@ -557,12 +557,28 @@ static int check_groups(const clip_text *m, const clip_group *g, int n, int B, c
 int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, int B, int layer_idx,
                       int final_ln, int project, float *hidden, float *pooled, char *err) {
   clip_group all = {0, B, NULL};
-  return clip_text_forward_groups(m, pool, ids, B, &all, 1, layer_idx, final_ln, project, hidden, pooled, err);
+  return clip_text_forward_groups(m, pool, ids, B, &all, 1, NULL, layer_idx, final_ln, project, hidden, pooled,
+                                  err);
+}
+
+/* Mark the positions 'emb' gives as vectors in 'is_vec' [M] (zeroed by the caller),
+** checking that they are ascending and inside the batch. */
+static int mark_embeds(const clip_embeds *emb, int64_t M, uint8_t *is_vec, char *err) {
+  for (int i = 0; i < emb->n; i++) {
+    int64_t at = emb->at[i];
+    if (at < 0 || at >= M || (i && at <= emb->at[i - 1]))
+      return luna_fail(err, LUNA_EINVAL, "input embedding %d: position %lld is outside the batch's %lld or not "
+                       "after the previous one", i, (long long)at, (long long)M);
+    if (!emb->vec[i]) return luna_fail(err, LUNA_EINVAL, "input embedding %d has no vector", i);
+    is_vec[at] = 1;
+  }
+  return 0;
 }
 
 int clip_text_forward_groups(const clip_text *m, ops_pool *pool, const int32_t *ids, int B,
-                             const clip_group *groups, int n_groups, int layer_idx, int final_ln,
-                             int project, float *hidden, float *pooled, char *err) {
+                             const clip_group *groups, int n_groups, const clip_embeds *emb,
+                             int layer_idx, int final_ln, int project, float *hidden, float *pooled,
+                             char *err) {
   const clip_hparams *hp = &m->hp;
   int64_t D = hp->d_model, F = hp->d_mlp, T = CLIP_CTX, M = (int64_t)B * T;
   if (B < 1) return luna_fail(err, LUNA_EINVAL, "clip_text_forward: no sequences");
@@ -570,21 +586,36 @@ int clip_text_forward_groups(const clip_text *m, ops_pool *pool, const int32_t *
     return luna_fail(err, LUNA_EINVAL, "layer index %d out of range [0, %d)", layer_idx, hp->n_layers);
   int rc = check_groups(m, groups, n_groups, B, err);
   if (rc) return rc;
+  /* which positions take a given vector instead of an id's embedding */
+  uint8_t *is_vec = NULL;
+  if (emb && emb->n > 0) {
+    if (!(is_vec = calloc((size_t)M, 1))) return luna_fail(err, LUNA_ENOMEM, "out of memory");
+    if ((rc = mark_embeds(emb, M, is_vec, err))) {
+      free(is_vec);
+      return rc;
+    }
+  }
   for (int64_t i = 0; i < M; i++)
-    if (ids[i] < 0 || ids[i] >= CLIP_VOCAB)
+    if ((!is_vec || !is_vec[i]) && (ids[i] < 0 || ids[i] >= CLIP_VOCAB)) {
+      free(is_vec);
       return luna_fail(err, LUNA_ETOKENS, "token id %d at sequence %lld position %lld is outside [0, %d)",
                        ids[i], (long long)(i / T), (long long)(i % T), CLIP_VOCAB);
+    }
   size_t need = (size_t)M * (size_t)(6 * D + F);
   float *buf = ops_pool_workspace(pool, need);
-  if (!buf) return luna_fail(err, LUNA_ENOMEM, "out of memory for %lld activations", (long long)need);
+  if (!buf) {
+    free(is_vec);
+    return luna_fail(err, LUNA_ENOMEM, "out of memory for %lld activations", (long long)need);
+  }
   float *x = buf, *h = x + M * D, *q = h + M * D, *k = q + M * D, *v = k + M * D, *a = v + M * D,
         *mlp = a + M * D;
   fwd f = {m, pool, groups, n_groups, NULL, 0, NULL, err};
 
-  for (int64_t i = 0; i < M; i++) {
+  for (int64_t i = 0, e = 0; i < M; i++) {
     float *row = x + i * D;
     const float *pos = m->pos + (i % T) * D;
-    if (m->tok.type == OPS_W_F16) fp16_to_f32_row((const uint8_t *)m->tok.data + 2 * (int64_t)ids[i] * D, row, (size_t)D);
+    if (is_vec && is_vec[i]) memcpy(row, emb->vec[e++], (size_t)D * sizeof(float)); /* fp32 as given */
+    else if (m->tok.type == OPS_W_F16) fp16_to_f32_row((const uint8_t *)m->tok.data + 2 * (int64_t)ids[i] * D, row, (size_t)D);
     else memcpy(row, (const float *)m->tok.data + (int64_t)ids[i] * D, (size_t)D * sizeof(float));
     for (int64_t c = 0; c < D; c++) row[c] += pos[c];
   }
@@ -613,9 +644,19 @@ int clip_text_forward_groups(const clip_text *m, ops_pool *pool, const int32_t *
   if (!rc && pooled) {
     /* final LN of each sequence's first end token (ComfyUI: num_tokens - 1) */
     for (int b = 0; b < B; b++) {
-      int64_t at = T - 1;
-      for (int64_t t = 0; t < T; t++)
-        if (ids[b * T + t] == 49407) { at = t; break; }
+      /* ComfyUI's num_tokens - 1: id positions count up to the first end token, vector
+      ** positions always; with ids only this is the first end token (the last position
+      ** when there is none) */
+      int64_t n_tok = 0;
+      int eos = 0;
+      for (int64_t t = 0; t < T; t++) {
+        if (is_vec && is_vec[b * T + t]) n_tok++;
+        else if (!eos) {
+          n_tok++;
+          eos = ids[b * T + t] == 49407;
+        }
+      }
+      int64_t at = n_tok - 1;
       memcpy(h + b * D, x + (b * T + at) * D, (size_t)D * sizeof(float));
     }
     ops_layer_norm(pool, h, B, D, m->lnf_w, m->lnf_b, CLIP_LN_EPS, h);
@@ -628,6 +669,7 @@ int clip_text_forward_groups(const clip_text *m, ops_pool *pool, const int32_t *
     } else memcpy(pooled, h, (size_t)(B * D) * sizeof(float));
   }
   free(f.wbuf);
+  free(is_vec);
   return rc;
 }
 

@@ -106,6 +106,21 @@ const ops_mat *clip_text_matrix(const clip_text *m, int layer, clip_mat which);
 uint32_t clip_text_checksum(const clip_text *m);
 
 /*
+** Input embeddings given instead of token ids at some positions of a batch (textual
+** inversion, ComfyUI's process_tokens): position 'at[i]' (sequence * CLIP_CTX + position,
+** strictly ascending) takes the fp32 vector 'vec[i]' (d_model floats) in place of its
+** token embedding; the position embedding is added as for an id. The ids at those
+** positions are ignored. The pooled output then follows ComfyUI's num_tokens: the
+** position (count of id positions up to and including the first end token, or all of
+** them when there is none) + (count of vector positions) - 1.
+*/
+typedef struct clip_embeds {
+  int n;
+  const int64_t *at;
+  const float *const *vec;
+} clip_embeds;
+
+/*
 ** clip_text_forward runs 'B' sequences of CLIP_CTX token ids through every layer.
 ** 'hidden' [B, 77, D] receives the output after 0-based layer 'layer_idx', passed
 ** through the final LayerNorm when 'final_ln' is set. 'pooled' [B, D] (or [B, d_proj]
@@ -118,11 +133,13 @@ int clip_text_forward(const clip_text *m, ops_pool *pool, const int32_t *ids, in
                       char *err);
 
 /* clip_text_forward_groups is clip_text_forward where each of the 'n_groups' groups
-** (covering the B sequences in order) runs with its own overlay. Groups that use the same
-** weights for a matrix share one GEMM; a sequence's result does not depend on the others. */
+** (covering the B sequences in order) runs with its own overlay, and 'emb' (NULL: none)
+** gives input embeddings for some positions. Groups that use the same weights for a
+** matrix share one GEMM; a sequence's result does not depend on the others. */
 int clip_text_forward_groups(const clip_text *m, ops_pool *pool, const int32_t *ids, int B,
-                             const clip_group *groups, int n_groups, int layer_idx, int final_ln,
-                             int project, float *hidden, float *pooled, char *err);
+                             const clip_group *groups, int n_groups, const clip_embeds *emb,
+                             int layer_idx, int final_ln, int project, float *hidden, float *pooled,
+                             char *err);
 
 /* clip_text_enumerate calls 'cb' once per tensor an encoder with 'hp' has in 'layout'
 ** under 'prefix' (the projection excluded), with its full name and shape. Writers of

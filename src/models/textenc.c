@@ -188,7 +188,26 @@ typedef struct enc_item {
   int first, n_seq;  /* its sequences in the batch */
   int has_w;
   const clip_overlay *ov; /* its LoRA overlay on this encoder, or NULL */
+  const te_embeds *emb;   /* its input embeddings on this encoder, or NULL */
 } enc_item;
+
+/* Check a request's embeddings against its chunks and the encoder's width 'D'. */
+static int check_embeds(const te_embeds *e, const tok_chunks *c, int64_t D, const char *enc, int r, char *err) {
+  if (!e || !e->n) return 0;
+  if (e->dim != D)
+    return luna_fail(err, LUNA_EINVAL, "request %d: CLIP-%s input embeddings are %lld wide (chunk %d slot %d); "
+                     "this encoder's width is %lld", r, enc, (long long)e->dim, e->slot[0] / TOK_CHUNK,
+                     e->slot[0] % TOK_CHUNK, (long long)D);
+  for (int i = 0; i < e->n; i++) {
+    if (e->slot[i] < 0 || e->slot[i] >= c->n_chunks * TOK_CHUNK || (i && e->slot[i] <= e->slot[i - 1]))
+      return luna_fail(err, LUNA_EINVAL, "request %d: CLIP-%s input embedding %d is for slot %d, outside its %d "
+                       "chunks or not after the previous one", r, enc, i, e->slot[i], c->n_chunks);
+    if (e->row[i] < 0 || e->row[i] >= e->n_rows)
+      return luna_fail(err, LUNA_EINVAL, "request %d: CLIP-%s chunk %d slot %d: row %d of %d", r, enc,
+                       e->slot[i] / TOK_CHUNK, e->slot[i] % TOK_CHUNK, e->row[i], e->n_rows);
+  }
+  return 0;
+}
 
 /* encode_token_weights for 'n' requests on one encoder, as one forward pass: every
 ** request's chunks, each followed by its empty sequence when it has weights (or no
@@ -210,12 +229,31 @@ static int encode_many(const clip_text *m, te_family fam, ops_pool *pool, enc_it
     it[r].n_seq = c->n_chunks + (it[r].has_w || c->n_chunks == 0);
     B += it[r].n_seq;
   }
+  int n_emb = 0, rc = 0, n_groups = 0;
+  for (int r = 0; r < n && !rc; r++) {
+    rc = check_embeds(it[r].emb, it[r].c, D, clip_text_kind(m) == CLIP_G ? "G" : "L", r, err);
+    if (it[r].emb) n_emb += it[r].emb->n;
+  }
+  if (rc) return rc;
   int32_t *ids = malloc((size_t)B * T * sizeof(int32_t));
   float *hid = malloc((size_t)(B * T * D) * sizeof(float));
   float *pool_out = malloc((size_t)(B * dp) * sizeof(float));
   clip_group *groups = malloc((size_t)n * sizeof *groups);
-  int rc = 0, n_groups = 0;
-  if (!ids || !hid || !pool_out || !groups) { rc = luna_fail(err, LUNA_ENOMEM, "out of memory for a batch of %d sequences", B); goto done; }
+  int64_t *emb_at = n_emb ? malloc((size_t)n_emb * sizeof *emb_at) : NULL;
+  const float **emb_vec = n_emb ? malloc((size_t)n_emb * sizeof *emb_vec) : NULL;
+  if (!ids || !hid || !pool_out || !groups || (n_emb && (!emb_at || !emb_vec))) {
+    rc = luna_fail(err, LUNA_ENOMEM, "out of memory for a batch of %d sequences", B);
+    goto done;
+  }
+  /* every request's vectors, at their places in the batch (requests in order, so the
+  ** positions stay ascending) */
+  for (int r = 0, k = 0; r < n; r++)
+    for (int i = 0; it[r].emb && i < it[r].emb->n; i++, k++) {
+      const te_embeds *e = it[r].emb;
+      emb_at[k] = (int64_t)it[r].first * T + e->slot[i];
+      emb_vec[k] = e->rows + (int64_t)e->row[i] * D;
+    }
+  clip_embeds ce = {n_emb, emb_at, emb_vec};
   for (int r = 0; r < n; r++) {
     const tok_chunks *c = it[r].c;
     int32_t *dst = ids + (int64_t)it[r].first * T;
@@ -234,7 +272,8 @@ static int encode_many(const clip_text *m, te_family fam, ops_pool *pool, enc_it
   }
   int idx, final_ln;
   select_layer(fam, hp->n_layers, clip_layer, &idx, &final_ln);
-  if ((rc = clip_text_forward_groups(m, pool, ids, B, groups, n_groups, idx, final_ln, project, hid, pool_out, err)))
+  if ((rc = clip_text_forward_groups(m, pool, ids, B, groups, n_groups, n_emb ? &ce : NULL, idx, final_ln, project,
+                                     hid, pool_out, err)))
     goto done;
   for (int r = 0; r < n && !rc; r++) {
     const tok_chunks *c = it[r].c;
@@ -273,6 +312,8 @@ done:
   free(hid);
   free(pool_out);
   free(groups);
+  free(emb_at);
+  free(emb_vec);
   return rc;
 }
 
@@ -299,6 +340,8 @@ int te_set_encode_batch(const te_set *s, ops_pool *pool, const te_request *req, 
     ig[r].c = req[r].g;
     il[r].ov = req[r].plan ? lora_plan_overlay(req[r].plan, CLIP_L) : NULL;
     ig[r].ov = req[r].plan ? lora_plan_overlay(req[r].plan, CLIP_G) : NULL;
+    il[r].emb = req[r].emb_l;
+    ig[r].emb = req[r].emb_g;
   }
   if ((rc = encode_many(L, s->family, pool, il, n, TOK_PAD_L, clip_layer, 0, err))) goto done;
   int64_t dl = clip_text_hparams(L)->d_model;
@@ -347,6 +390,6 @@ done:
 
 int te_set_encode(const te_set *s, ops_pool *pool, const tok_chunks *l, const tok_chunks *g,
                   int clip_layer, te_output *out, char *err) {
-  te_request r = {l, s->family == TE_SDXL ? g : NULL, clip_layer, NULL};
+  te_request r = {.l = l, .g = s->family == TE_SDXL ? g : NULL, .clip_layer = clip_layer};
   return te_set_encode_batch(s, pool, &r, 1, out, err);
 }

@@ -47,12 +47,30 @@ void te_output_free(te_output *o);
 
 struct lora_plan;
 
-/* One request of a batch: its tokens ('g' ignored for SD1), clip layer and LoRA plan
-** (NULL: the base weights). */
+/*
+** Vectors given instead of token ids in some slots of one encoder's chunks (textual
+** inversion embeddings, as ComfyUI's tokenizer puts them in the token list): slot
+** 'slot[i]' (chunk * TOK_CHUNK + position, strictly ascending) takes row 'row[i]' of
+** 'rows' [n_rows, dim] (fp32) as its input embedding; the position embedding is added
+** and the slot's weight applies as for an id. 'dim' must be the encoder's width. The
+** ids of those slots are ignored.
+*/
+typedef struct te_embeds {
+  int n;
+  const int32_t *slot;
+  const int32_t *row;
+  const float *rows;
+  int n_rows;
+  int64_t dim;
+} te_embeds;
+
+/* One request of a batch: its tokens ('g' ignored for SD1), clip layer, LoRA plan
+** (NULL: the base weights) and input embeddings per encoder (NULL: none). */
 typedef struct te_request {
   const tok_chunks *l, *g;
   int clip_layer;
   const struct lora_plan *plan;
+  const te_embeds *emb_l, *emb_g;
 } te_request;
 
 /* te_set_encode_batch encodes 'n' requests sharing one clip layer in one forward pass

@@ -3,7 +3,8 @@
 /*
 ** A key is the exact byte string of everything that decides an encode's result: the
 ** model's identity (resolved paths, sizes, modification times), the clip layer and
-** every token id and weight of both encoders. Entries compare their whole key, so a
+** every token id and weight of both encoders, and for each input embedding (a vector
+** given instead of an id) its slot and its exact bytes. Entries compare their whole key, so a
 ** hash collision can never return another request's result. One mutex, never held
 ** together with another lock.
 */
@@ -52,18 +53,29 @@ static int append(uint8_t **buf, size_t *len, size_t *cap, const void *p, size_t
   return 0;
 }
 
-uint8_t *rcache_key(const char *model_key, int clip_layer, const tok_chunks *l, const tok_chunks *g, size_t *len) {
+uint8_t *rcache_key(const char *model_key, int clip_layer, const tok_chunks *l, const tok_chunks *g,
+                   const te_embeds *el, const te_embeds *eg, size_t *len) {
   uint8_t *buf = NULL;
   size_t n = 0, cap = 0;
   int bad = append(&buf, &n, &cap, model_key, strlen(model_key) + 1) ||
             append(&buf, &n, &cap, &clip_layer, sizeof clip_layer);
   const tok_chunks *parts[2] = {l, g};
+  const te_embeds *embs[2] = {el, eg};
   for (int k = 0; k < 2 && !bad; k++) {
     int32_t nc = parts[k] ? parts[k]->n_chunks : -1;
     bad = append(&buf, &n, &cap, &nc, sizeof nc);
     if (nc > 0 && !bad)
       bad = append(&buf, &n, &cap, parts[k]->ids, (size_t)nc * TOK_CHUNK * sizeof(int32_t)) ||
             append(&buf, &n, &cap, parts[k]->weights, (size_t)nc * TOK_CHUNK * sizeof(double));
+    /* the vectors that replace ids: count, then each slot with its bytes (which row of
+    ** the request's matrix held it does not matter, nor do unused rows) */
+    const te_embeds *e = parts[k] ? embs[k] : NULL;
+    int32_t ne = e ? e->n : 0;
+    int64_t dim = e ? e->dim : 0;
+    if (!bad) bad = append(&buf, &n, &cap, &ne, sizeof ne) || append(&buf, &n, &cap, &dim, sizeof dim);
+    for (int i = 0; i < ne && !bad; i++)
+      bad = append(&buf, &n, &cap, &e->slot[i], sizeof e->slot[i]) ||
+            append(&buf, &n, &cap, e->rows + (int64_t)e->row[i] * dim, (size_t)dim * sizeof(float));
   }
   if (bad) {
     free(buf);

@@ -241,24 +241,37 @@ static void run_models(job *j) {
   reply_json(j, o, NULL, 0);
 }
 
-/* The tokens of one encoder from the request's "tokens" object. */
-static int tokens_for(const cJSON *tokens, const char *key, tok_chunks *out, char *err) {
-  const cJSON *k = cJSON_GetObjectItemCaseSensitive(tokens, key);
-  if (!k) return luna_fail(err, LUNA_ETOKENS, "\"tokens\" has no \"%s\" chunks; this model needs them", key);
-  cJSON *wrap = cJSON_CreateObject();
-  cJSON_AddItemToObject(wrap, key, cJSON_Duplicate(k, 1));
-  char *s = cJSON_PrintUnformatted(wrap);
-  cJSON_Delete(wrap);
-  if (!s) return luna_fail(err, LUNA_ENOMEM, "out of memory");
-  int rc = tok_json_parse(s, strlen(s), key, out, err);
-  free(s);
-  return rc;
+/* Each matrix must be as wide as the model's encoder it is for (a model without that
+** encoder ignores it, as it ignores those tokens): the error names the encoder and the
+** first slot that would have used it. */
+static int embeds_width(const te_set *set, const tok_embeds emb[2], char *err) {
+  for (int k = 0; k < 2; k++) {
+    const clip_text *enc = te_set_encoder(set, (clip_kind)k);
+    if (!emb[k].rows || !enc || emb[k].dim == clip_text_hparams(enc)->d_model) continue;
+    const char *key = k ? "g" : "l";
+    char where[80] = "no slot uses it";
+    if (emb[k].n)
+      snprintf(where, sizeof where, "first used at \"%s\" chunk %d slot %d", key, emb[k].slot[0] / TOK_CHUNK,
+               emb[k].slot[0] % TOK_CHUNK);
+    return luna_fail(err, LUNA_EINVAL, "\"embeds\".\"%s\" is %lld wide but this model's CLIP-%s encoder is %d wide "
+                     "(%s)", key, (long long)emb[k].dim, k ? "G" : "L", clip_text_hparams(enc)->d_model, where);
+  }
+  return 0;
+}
+
+/* The encoder's view of 'e' in 'te' (NULL when no slot uses a vector). */
+static const te_embeds *embeds_view(const tok_embeds *e, te_embeds *te) {
+  if (!e->n) return NULL;
+  *te = (te_embeds){e->n, e->slot, e->row, e->rows, e->n_rows, e->dim};
+  return te;
 }
 
 /* A parsed encode request. */
 typedef struct enc_req {
   job *j;
   tok_chunks l, g;
+  tok_embeds emb[2]; /* its input embeddings for CLIP-L and CLIP-G */
+  te_embeds te[2];   /* the encoders' views of them */
   int clip_layer;
   int ok;
   int use_cache;
@@ -302,6 +315,8 @@ static int encode_fields(job *j, const cJSON **tokens, const cJSON **text, int *
   if (*tokens && !cJSON_IsObject(*tokens))
     return luna_fail(err, LUNA_EINVAL, "\"tokens\" must be an object {\"l\": ..., \"g\": ...}");
   if (*text && !cJSON_IsString(*text)) return luna_fail(err, LUNA_EINVAL, "\"text\" must be a string");
+  if (*text && cJSON_GetObjectItemCaseSensitive(j->msg, "embeds"))
+    return luna_fail(err, LUNA_EINVAL, "\"embeds\" go with \"tokens\" (slots {\"embed\": i}), not with \"text\"");
   if (*text && !srv.vocab) return luna_fail(err, LUNA_EINVAL, "this daemon was started without --tokenizer: send \"tokens\"");
   if (cache && !cJSON_IsBool(cache)) return luna_fail(err, LUNA_EINVAL, "\"cache\" must be true or false");
   *clip_layer = 0;
@@ -395,8 +410,10 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
     char e2[LUNA_ERR_LEN] = "";
     int r = encode_fields(j, &tokens, &text, &rq[i].clip_layer, e2);
     if (!r && tokens) {
-      r = tokens_for(tokens, "l", &rq[i].l, e2);
-      if (!r && fam == TE_SDXL) r = tokens_for(tokens, "g", &rq[i].g, e2);
+      r = tok_embeds_parse(cJSON_GetObjectItemCaseSensitive(j->msg, "embeds"), j->bin, j->bin_len, rq[i].emb, e2);
+      if (!r) r = tok_json_parse_slots(tokens, "l", &rq[i].l, &rq[i].emb[0], e2);
+      if (!r && fam == TE_SDXL) r = tok_json_parse_slots(tokens, "g", &rq[i].g, &rq[i].emb[1], e2);
+      if (!r) r = embeds_width(model_set(m), rq[i].emb, e2);
     } else if (!r) {
       r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_L, &rq[i].l, e2);
       if (!r && fam == TE_SDXL) r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_G, &rq[i].g, e2);
@@ -424,7 +441,8 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
       /* the stack is part of the key: a result never reaches a request with another stack */
       char *mk = NULL;
       if (asprintf(&mk, "%s|lora:%s", model_key(m), rq[i].st.key) >= 0) {
-        rq[i].key = rcache_key(mk, rq[i].clip_layer, &rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL, &rq[i].key_len);
+        rq[i].key = rcache_key(mk, rq[i].clip_layer, &rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL,
+                               embeds_view(&rq[i].emb[0], &rq[i].te[0]), embeds_view(&rq[i].emb[1], &rq[i].te[1]), &rq[i].key_len);
         free(mk);
       }
     }
@@ -445,7 +463,11 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
     int k = 0;
     for (int i = 0; tr && out && st && res && who && i < n; i++)
       if (rq[i].ok) {
-        tr[k] = (te_request){&rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL, rq[i].clip_layer, NULL};
+        tr[k] = (te_request){.l = &rq[i].l,
+                             .g = fam == TE_SDXL ? &rq[i].g : NULL,
+                             .clip_layer = rq[i].clip_layer,
+                             .emb_l = embeds_view(&rq[i].emb[0], &rq[i].te[0]),
+                             .emb_g = fam == TE_SDXL ? embeds_view(&rq[i].emb[1], &rq[i].te[1]) : NULL};
         st[k] = rq[i].st; /* a view: rq keeps ownership */
         who[k++] = &rq[i];
       }
@@ -474,6 +496,8 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
   for (int i = 0; i < n; i++) {
     tok_chunks_free(&rq[i].l);
     tok_chunks_free(&rq[i].g);
+    tok_embeds_free(&rq[i].emb[0]);
+    tok_embeds_free(&rq[i].emb[1]);
     free(rq[i].key);
     lexec_stack_clear(&rq[i].st);
   }

@@ -244,11 +244,12 @@ static void handle_frame(conn *c, const frame_header *h, const uint8_t *json) {
     return;
   }
   j->deadline_ms = dl > 0 ? j->received_ms + dl : 0;
-  if ((h->type == LUNA_MSG_LORA || h->type == LUNA_MSG_VAE_DECODE || h->type == LUNA_MSG_VAE_ENCODE) &&
-      h->bin_len) { /* an upload or an image: the worker reads it */
+  if ((h->type == LUNA_MSG_LORA || h->type == LUNA_MSG_VAE_DECODE || h->type == LUNA_MSG_VAE_ENCODE ||
+       h->type == LUNA_MSG_ENCODE) &&
+      h->bin_len) { /* an upload, an image or an encode's input embeddings: the worker reads it */
     j->bin = malloc((size_t)h->bin_len);
     if (!j->bin) {
-      send_error(c, h->type, h->request_id, LUNA_ENOMEM, "out of memory for the upload");
+      send_error(c, h->type, h->request_id, LUNA_ENOMEM, "out of memory for the frame's binary part");
       cJSON_Delete(msg);
       free(j);
       return;

@@ -75,7 +75,7 @@ typedef struct job {
   size_t reply_len;
   int failed;                         /* the reply is an error */
   char *batch_key;                    /* encode jobs with equal keys may share a forward pass */
-  uint8_t *bin;                       /* the frame's binary part (uploads, VAE tensors), owned */
+  uint8_t *bin;                       /* the frame's binary part (uploads, VAE tensors, embeds), owned */
   size_t bin_len;
   int is_note;                        /* a progress frame for 'c', not a job: no ref, no stats */
   struct job *next;
@@ -218,8 +218,10 @@ const char *lexec_mode_name(int mode);
 cJSON *lexec_describe(void);              /* counters for status */
 
 /* cache.c -- the result cache (rcache_) */
-/* rcache_key returns the malloc'd exact key of an encode, or NULL when out of memory. */
-uint8_t *rcache_key(const char *model_key, int clip_layer, const tok_chunks *l, const tok_chunks *g, size_t *len);
+/* rcache_key returns the malloc'd exact key of an encode, or NULL when out of memory.
+** 'el' and 'eg' are the request's input embeddings per encoder (NULL: none). */
+uint8_t *rcache_key(const char *model_key, int clip_layer, const tok_chunks *l, const tok_chunks *g,
+                   const te_embeds *el, const te_embeds *eg, size_t *len);
 /* rcache_get copies a cached result into '*out' and returns 1 on a hit, 0 on a miss. */
 int rcache_get(const uint8_t *key, size_t len, te_output *out);
 void rcache_put(const uint8_t *key, size_t len, const te_output *out);

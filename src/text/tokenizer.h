@@ -62,6 +62,28 @@ int tok_json_parse(const char *json, size_t len, const char *key, tok_chunks *ou
 int tok_json_parse_file(const char *path, const char *key, tok_chunks *out, char *err);
 int tok_json_write(const tok_chunks *l, const tok_chunks *g, char **out, char *err);
 
+/* Textual-inversion slots of an encode request (docs/PROTOCOL.md, 6 encode): one
+** encoder's "embeds" matrix (an aligned copy of its rows) and the token slots that use
+** them. tok_embeds_parse reads the request's "embeds" object ({"l": tensor, "g": tensor},
+** described like a frame's tensors, in the binary part 'bin') into emb[0] (l) and
+** emb[1] (g), checking keys, dtype, shape, range, overlap and finiteness; a NULL or
+** null 'embeds' is none. tok_json_parse_slots is tok_json_parse of tokens[key] where a
+** pair's id may be {"embed": i}: such slots are recorded in 'e' (whose matrix must be
+** parsed first) and read as id 0. Errors name the field, chunk and position. */
+struct cJSON;
+typedef struct tok_embeds {
+  float *rows;         /* [n_rows, dim], owned; NULL when the request sent none */
+  int n_rows;
+  int64_t dim;
+  uint64_t begin, end; /* its bytes in the binary part */
+  int32_t *slot, *row; /* per {"embed": i} slot: chunk * 77 + position, and i */
+  int n, cap;
+} tok_embeds;
+int tok_embeds_parse(const struct cJSON *embeds, const uint8_t *bin, uint64_t bin_len, tok_embeds emb[2],
+                     char *err);
+int tok_json_parse_slots(const struct cJSON *tokens, const char *key, tok_chunks *out, tok_embeds *e, char *err);
+void tok_embeds_free(tok_embeds *e);
+
 /* ---- Internal to src/text: shared between tokenizer.c, bpe.c, prompt.c and
 ** tokens_json.c. Nothing outside src/text should call these. ---- */
 

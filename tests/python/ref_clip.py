@@ -9,6 +9,13 @@ encode_from_tokens on a tokens JSON:
 
     {"l": [[[id, weight], ... 77], ...chunks], "g": [...]}
 
+A slot's id may instead be a 1-D float vector (a textual-inversion embedding, as
+ComfyUI's tokenizer puts it in the token list): that slot's input embedding is then
+the vector in fp32 in place of the token embedding, plus the position embedding, and
+the pooled output sits at ComfyUI's num_tokens - 1 (ids count up to the first EOS,
+vectors always) -- written from comfy/sd1_clip.py SDClipModel.process_tokens and
+comfy/clip_model.py CLIPTextModel_.forward of Comfy-Org/ComfyUI commit 443393b4.
+
 SD1 (one CLIP-L): default = last layer + final LN; clip_layer -k = hidden state after
 layer index n-k, with final LN; pooled = unprojected final-LN state at the first EOS.
 SDXL (CLIP-L + CLIP-G): both at -2 (or -1 with clip_layer -1) without final LN,
@@ -70,12 +77,15 @@ class Encoder:
             return a * torch.sigmoid(1.702 * a)
         return F.gelu(a)  # exact erf form
 
-    def forward(self, ids, capture):
-        """ids: int64 [B, 77]. Returns (final-LN output, output after layer index
-        'capture' without LN, or None)."""
+    def forward(self, ids, capture, vectors=()):
+        """ids: int64 [B, 77]; vectors: (sequence, position, fp32 tensor [D]) whose
+        vector replaces the token embedding there. Returns (final-LN output, output
+        after layer index 'capture' without LN, or None)."""
         w = self.w
         b, s, d, h = ids.shape[0], ids.shape[1], self.width, self.heads
         x = F.embedding(ids, w["embeddings.token_embedding.weight"])
+        for sb, st, vec in vectors:
+            x[sb, st] = vec
         x = x + w["embeddings.position_embedding.weight"][:s]
         mask = torch.full((s, s), -torch.finfo(torch.float32).max, dtype=torch.float32).triu_(1)
         inter = None
@@ -220,27 +230,48 @@ def _layer_mode(enc, clip_layer, sdxl):
 def encode_chunks(enc, chunks, clip_layer, sdxl):
     """ComfyUI's encode_token_weights for one encoder.
 
-    chunks: list of 77-long lists of (id, weight). Returns (z [1, 77n, D] float32,
-    pooled unprojected [1, D], pooled projected [1, Dp] or None)."""
-    ids = [[int(t[0]) for t in c] for c in chunks]
+    chunks: list of 77-long lists of (id, weight), an id being an int or a 1-D float
+    vector of the encoder's width. Returns (z [1, 77n, D] float32, pooled unprojected
+    [1, D], pooled projected [1, Dp] or None)."""
+    ids, vectors = [], []
+    for k, c in enumerate(chunks):
+        row = []
+        for j, t in enumerate(c):
+            if np.ndim(t[0]) == 0:  # an id (a vector is 1-D)
+                row.append(int(t[0]))
+                continue
+            vec = torch.tensor(np.asarray(t[0], dtype=np.float32))
+            if vec.ndim != 1 or vec.shape[0] != enc.width:
+                raise ValueError("chunk %d slot %d: a vector of shape %s, the encoder is %d wide"
+                                 % (k, j, list(vec.shape), enc.width))
+            row.append(None)
+            vectors.append((k, j, vec))
+        ids.append(row)
     for c in ids:
         if len(c) != SEQ:
             raise ValueError("each chunk must hold 77 tokens")
     has_weights = any(float(t[1]) != 1.0 for c in chunks for t in c)
-    batch = list(ids)
+    batch = [[0 if t is None else t for t in c] for c in ids]
     if has_weights:
         batch.append([BOS, EOS] + [PAD[enc.kind]] * (SEQ - 2))
     ids_t = torch.tensor(batch, dtype=torch.int64)
     capture, ln_hidden = _layer_mode(enc, clip_layer, sdxl)
-    xf, inter = enc.forward(ids_t, capture)
+    xf, inter = enc.forward(ids_t, capture, vectors)
     if capture is None:
         out = xf
     else:
         out = enc.final_ln(inter) if ln_hidden else inter
-    # pooled: the final-LN state at the first EOS of chunk 0 (the last position if none)
-    first = ids[0]
-    pos = first.index(EOS) if EOS in first else SEQ - 1
-    pooled = xf[0:1, pos]
+    # pooled: the final-LN state of chunk 0 at ComfyUI's num_tokens - 1, num_tokens
+    # counting ids up to and including the first EOS (all of them when there is none)
+    # and every vector: with ids alone, the first EOS (the last position if none)
+    n_tok, eos = 0, False
+    for t in ids[0]:
+        if t is None:
+            n_tok += 1
+        elif not eos:
+            n_tok += 1
+            eos = t == EOS
+    pooled = xf[0:1, n_tok - 1]
     proj = None
     if "text_projection.weight" in enc.w:
         proj = F.linear(pooled, enc.w["text_projection.weight"])

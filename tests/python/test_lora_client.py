@@ -11,7 +11,10 @@
 - the upload-on-ENOLORA protocol of both clients (C library through `luna`, Python)
   against LoraFake, a Python stand-in for lunad's LoRA cache on a Unix socket;
 - `luna encode --local --lora` on a generated model: strength 0 is the base model bit
-  for bit, the stack goes into the metadata, unmapped keys are reported.
+  for bit, the stack goes into the metadata, unmapped keys are reported;
+- LoRAs held in memory (LoraImage, or any object with .data/.strength[/.identity]):
+  identities, uploads of the text-encoder part from bytes, and through a real lunad
+  the same result as the file.
 """
 
 import hashlib
@@ -29,11 +32,12 @@ import numpy as np
 import pytest
 
 import st_io
+from conftest_daemon import daemon_models, start_lunad  # noqa: F401
 from fake_server import FakeServer
 
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO / "python"))
-from lunaclient import Client, Lora, LunaError, extract_te, lora_identity  # noqa: E402
+from lunaclient import Client, Lora, LoraImage, LunaError, extract_te, extract_te_image, lora_identity  # noqa: E402
 from lunaclient import lora as lcl  # noqa: E402
 from lunaclient import proto  # noqa: E402
 
@@ -681,3 +685,78 @@ def test_local_encode_with_lora(model, run_luna, tmp_path):
         assert outs["zero"][0][k].tobytes() == outs["base"][0][k].tobytes()
     assert outs["one"][0]["cond"].tobytes() != outs["base"][0]["cond"].tobytes()
     assert np.isfinite(outs["one"][0]["cond"]).all()
+
+
+# ---- LoRAs held in memory -------------------------------------------------------------------
+
+def test_lora_image_object(two_loras):
+    a, _ = two_loras
+    data = Path(a).read_bytes()
+    ida = lora_identity(a)
+    img = LoraImage(data, 0.5)
+    assert img.identity == ida == lcl.identity_of_image(data)
+    assert LoraImage(data, 1, identity=ida.upper()).identity == ida
+    assert extract_te_image(data) == extract_te(a)
+    assert lcl.identity_and_image_of_bytes(data) == (ida, extract_te(a))
+    for bad in (dict(data="text"), dict(data=data, identity="12"), dict(data=data, identity="g" * 64)):
+        with pytest.raises(LunaError) as e:
+            LoraImage(bad.pop("data"), 1, **bad)
+        assert e.value.name == "EINVAL"
+    with pytest.raises(LunaError) as e:
+        _ = LoraImage(b"\x00" * 9, 1).identity
+    assert e.value.name == "EFORMAT"
+
+
+def test_python_encode_uploads_in_memory_loras(lora_fake, two_loras):
+    from types import SimpleNamespace
+    f = lora_fake()
+    a, b = two_loras
+    ida, idb = lora_identity(a), lora_identity(b)
+    da, db = Path(a).read_bytes(), Path(b).read_bytes()
+    with Client.unix(f.path, timeout=10) as c:
+        # a LoraImage, an object with .data and .strength, a file: one stack
+        c.encode("demo.safetensors", tokens=TOKENS,
+                 loras=[LoraImage(da, 0.5), SimpleNamespace(data=db, strength=-1.0), (a, 2)])
+        enc = f.of_type(proto.MSG_ENCODE)
+        assert enc[0][0]["loras"] == [{"id": ida, "strength": 0.5}, {"id": idb, "strength": -1.0},
+                                      {"id": ida, "strength": 2.0}]
+        up = f.of_type(proto.MSG_LORA)
+        assert sorted(m["id"] for m, _ in up) == sorted([ida, idb])
+        got = {m["id"]: binary for m, binary in up}
+        assert got[ida] == extract_te(a) and got[idb] == extract_te(b)   # the text-encoder part only
+        # known now: no upload; a dict with a given identity is trusted for the request
+        n = len(f.log)
+        c.encode("demo.safetensors", tokens=TOKENS, loras=[{"data": db, "strength": 1, "identity": idb}])
+        assert len(f.log) == n + 1
+        # a given identity that is not the image's: the upload refuses it
+        wrong = "ab" * 32
+        with pytest.raises(LunaError) as e:
+            c.encode("demo.safetensors", tokens=TOKENS, loras=[LoraImage(da, 1, identity=wrong)])
+        assert e.value.name == "EINVAL" and wrong in e.value.message and ida in e.value.message
+        # bad entries never reach lunad
+        n = len(f.log)
+        for bad in ([LoraImage(da, float("inf"))], [SimpleNamespace(data="x", strength=1)],
+                    [{"data": b"", "strength": 1}], [SimpleNamespace(data=da, strength=1, identity=5)]):
+            with pytest.raises(LunaError) as e:
+                c.encode("demo.safetensors", tokens=TOKENS, loras=bad)
+            assert e.value.name == "EINVAL", bad
+        assert len(f.log) == n
+        c.ping()
+
+
+def test_in_memory_lora_through_lunad(start_lunad, tmp_path):
+    """A LoraImage gives lunad's result for the same file, bit for bit; lunad parsed
+    what the client uploaded from memory."""
+    from conftest import tokens_for
+    lp = write_lora(tmp_path / "mem.safetensors", kohya_tensors(seed=31, width=64), unet_tensors())
+    d = start_lunad("--cache-mem", "0")
+    tok = tokens_for([14], [1.2])
+    with d.client(timeout=60) as c:
+        base = c.encode("tiny.safetensors", tokens=tok)
+        mem = c.encode("tiny.safetensors", tokens=tok, loras=[LoraImage(Path(lp).read_bytes(), 0.9)])
+        assert mem[2]["lora"]["patched"] == 6
+        assert c.lora_evict(lora_identity(lp))["evicted"] is True
+        fil = c.encode("tiny.safetensors", tokens=tok, loras=[(lp, 0.9)])
+        assert mem[0].tobytes() == fil[0].tobytes() and mem[1].tobytes() == fil[1].tobytes()
+        assert mem[0].tobytes() != base[0].tobytes()
+        assert c.status()["lora"]["cache"]["uploads"] == 2
