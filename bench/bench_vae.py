@@ -15,7 +15,9 @@ the process), ratios; no pass/fail.
 
 Cases: decode of a 64 x 64 latent (512 x 512 image), encode of a 512 x 512 image, and
 decode of a 128 x 128 latent (1024 x 1024) untiled and tiled (512 px tiles, 64 px
-overlap, ComfyUI's VAEDecodeTiled defaults).
+overlap, ComfyUI's VAEDecodeTiled defaults). `luna --local` loads only the half of
+the VAE it runs; a last table measures lunad, which holds both halves, doing the two
+512 x 512 cases (its peak resident memory, VmHWM, one fresh lunad per case).
 """
 
 import argparse
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))
 import bench  # noqa: E402
 import make_vae  # noqa: E402
 import st_io  # noqa: E402
+from daemon import Lunad  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
 REF = ROOT / "tests" / "python" / "ref_vae.py"
@@ -67,6 +70,36 @@ def ensure_inputs(bdir):
             st_io.write(str(p), {"latent" if name.startswith("lat") else "image": arr})
         ins[name] = p
     return model, ins
+
+
+def vmhwm_mib(pid):
+    """Peak resident memory (VmHWM) of a live process, in MiB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def lunad_peaks(bdir, model, ins):
+    """(case, MiB after loading the VAE, peak MiB, weights MiB) for a fresh lunad per case."""
+    out = []
+    name = os.path.basename(str(model))
+    for case, op, key in (("decode 64x64 latent (512x512)", "decode", "lat64"),
+                          ("encode 512x512 image", "encode", "img512")):
+        log("[vae] lunad, whole VAE resident: %s" % case)
+        arr = st_io.read(str(ins[key]))
+        arr = arr["latent" if op == "decode" else "image"]
+        with Lunad(models_dirs=[bdir]).start() as d:
+            with d.client(timeout=3600) as c:
+                info = c.models("load", name)["model"]
+                loaded = vmhwm_mib(d.pid)
+                if op == "decode":
+                    c.vae_decode(name, arr, tiled=False)
+                else:
+                    c.vae_encode(name, arr, tiled=False)
+                out.append((case, loaded, vmhwm_mib(d.pid), info.get("weights_bytes", 0) / 1048576))
+    return out
 
 
 def main(argv=None):
@@ -128,6 +161,15 @@ def main(argv=None):
     print()
     print("Targets: decode 64x64 and encode 512x512 at least as fast as the best reference setting (goal 1.3x), "
           "with peak RSS at most half of the reference's.")
+    print()
+    refs_by_title = {title: refs for title, _, refs in rows}
+    print("| lunad holding the whole VAE | weights MiB | RSS after load MiB | peak RSS MiB | ref peak RSS MiB | RSS ratio |")
+    print("|---|---|---|---|---|---|")
+    for case, loaded, peak, wmib in lunad_peaks(bdir, model, ins):
+        good = [r for r in refs_by_title.get(case, {}).values() if r]
+        rr = min(good, key=lambda r: r["median_ms"])["peak_rss_kib"] / 1024 if good else None
+        print("| %s | %.0f | %.0f | %.0f | %s | %s |" % (case, wmib, loaded, peak, "%.0f" % rr if rr else "—",
+                                                       "%.2f" % (peak / rr) if rr else "—"))
     return 0
 
 

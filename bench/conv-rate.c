@@ -124,7 +124,7 @@ int main(int argc, char **argv) {
     size_t nw = (size_t)sh->cout * sh->cin * 9;
     float *x = filled(nx, 1.0f, 3), *w = filled(nw, 0.02f, 4), *b = filled((size_t)sh->cout, 0.1f, 5);
     float *y = malloc(ny * sizeof(float));
-    ops_conv c = {sh->cout, sh->cin, 3, 3, w, b};
+    ops_conv c = {sh->cout, sh->cin, 3, 3, w, b, NULL};
     if (!x || !w || !b || !y || ops_pool_reserve(p, ops_conv2d_scratch(&c, sh->w)) != 0) {
       fprintf(stderr, "conv-rate: out of memory for %d -> %d at %dx%d\n", sh->cin, sh->cout, sh->h, sh->w);
       rc = 1;

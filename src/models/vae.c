@@ -150,7 +150,7 @@ static void w_conv(walker *w, const char *base, int64_t cout, int64_t cin, int k
   float *wp = NULL, *bp = NULL;
   tensor(w, base, ".weight", 4, ws, lin_ok, &wp);
   tensor(w, base, ".bias", 1, bs, 0, &bp);
-  if (c && !w->rc) *c = (ops_conv){cout, cin, k, k, wp, bp};
+  if (c && !w->rc) *c = (ops_conv){cout, cin, k, k, wp, bp, NULL};
 }
 
 static void w_norm(walker *w, const char *base, int64_t ch, vae_gnorm *n) {
@@ -656,13 +656,17 @@ static void norm_conv(vae_run *r, const vae_gnorm *n, const ops_conv *c, int xb,
   ops_gn_stat st[VAE_GN_GROUPS];
   ops_group_norm_stats(r->pool, x, C, HW, VAE_GN_GROUPS, VAE_GN_EPS, st);
   float *out = band + C * in_rows * W;
+  ops_conv cw = *c; /* the Winograd weights once for all bands */
+  float *u = R < H ? ops_conv_winograd_weights(r->pool, c) : NULL;
+  cw.wino = u;
   for (int64_t y0 = 0; y0 < H; y0 += R) {
     int64_t y1 = y0 + R < H ? y0 + R : H, a = y0 > 0 ? y0 - 1 : 0, b = y1 < H ? y1 + 1 : H;
     ops_group_norm_rows(r->pool, x, C, H, W, VAE_GN_GROUPS, st, n->g, n->b, a, b, 1, band);
-    ops_conv2d(r->pool, band, b - a, W, c, 1, y0 == 0, 1, y1 == H, 1, out);
+    ops_conv2d(r->pool, band, b - a, W, &cw, 1, y0 == 0, 1, y1 == H, 1, out);
     out_job j = {out, y, H, W, y0, y1 - y0, acc};
     ops_pool_run(r->pool, (int)co, band_store_task, &j);
   }
+  free(u);
 }
 
 /* The 1x1 shortcut over buffer 'xb' in place (the buffer grows to the wider side). */
@@ -756,13 +760,17 @@ static void upsample_conv(vae_run *r, const ops_conv *c, int xb, int64_t H, int6
   want_scratch(r, ops_conv2d_scratch(c, W2));
   r->done += 2.0 * (double)(co * C * c->kh * c->kw) * (double)(H2 * W2);
   if (r->plan) return;
+  ops_conv cw = *c;
+  float *u = ops_conv_winograd_weights(r->pool, c);
+  cw.wino = u;
   for (int64_t y0 = 0; y0 < H2; y0 += R) {
     int64_t y1 = y0 + R < H2 ? y0 + R : H2, a = y0 > 0 ? y0 - 1 : 0, b = y1 < H2 ? y1 + 1 : H2;
     band_job j = {x, band, band + C * (R + 2) * W2, y, H, W, a, b - a, y0, y1 - y0};
     ops_pool_run(r->pool, (int)C, band_up_task, &j);
-    ops_conv2d(r->pool, band, b - a, W2, c, 1, y0 == 0, 1, y1 == H2, 1, band + C * (R + 2) * W2);
+    ops_conv2d(r->pool, band, b - a, W2, &cw, 1, y0 == 0, 1, y1 == H2, 1, band + C * (R + 2) * W2);
     ops_pool_run(r->pool, (int)co, band_out_task, &j);
   }
+  free(u);
 }
 
 static void mid(vae_run *r, const vae_half *h, int x, int64_t H, int64_t W) {

@@ -81,6 +81,7 @@ typedef struct ops_conv {
   int64_t cout, cin, kh, kw;
   const float *w;
   const float *b;
+  const float *wino; /* optional: ops_conv_winograd_weights(w), reused across calls */
 } ops_conv;
 
 /* y [cout, Ho, Wo] = conv2d(x [cin, H, W]) with 'stride' and zero padding top/left/
@@ -116,6 +117,13 @@ size_t ops_conv2d_scratch(const ops_conv *c, int64_t W);
 typedef enum ops_conv_method { OPS_CONV_IM2COL = 0, OPS_CONV_WINOGRAD = 1 } ops_conv_method;
 ops_conv_method ops_conv2d_set_method(ops_conv_method m);
 ops_conv_method ops_conv2d_get_method(void);
+
+/* The Winograd transform of c's weights, for a caller that runs the same convolution on
+** many pieces of a map (row bands): set it as c->wino and ops_conv2d uses it instead of
+** transforming the weights on every call. NULL when ops_conv2d would not use Winograd
+** for this convolution at stride 1 (or out of memory: ops_conv2d then transforms as
+** usual). Free with free(). */
+float *ops_conv_winograd_weights(ops_pool *p, const ops_conv *c);
 
 /* GroupNorm over x [C, HW]: 'groups' groups of C/groups channels; mean and biased
 ** variance per group over (C/groups)*HW values (summed in double, one task per group);

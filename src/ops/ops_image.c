@@ -546,13 +546,30 @@ static void wino_task(void *a, int task, int worker, float *scratch) {
 
 /* Runs the Winograd method; returns 0, or -1 (nothing done) when the transformed weights
 ** cannot be had. */
-static int conv_winograd(ops_pool *p, conv_job *j) {
-  const ops_conv *c = j->c;
+/* U for conv 'c' in a new buffer (NULL when out of memory). */
+static float *wino_transform(ops_pool *p, const ops_conv *c) {
   size_t bytes = (size_t)(16 * (c->cout * c->cin + WINO_PAD)) * sizeof(float);
   float *u = aligned_alloc(64, (bytes + 63) / 64 * 64);
-  if (!u) return -1;
-  j->u = u;
-  ops_pool_run(p, (int)c->cout, wino_weights_task, j);
+  if (!u) return NULL;
+  conv_job j = {.c = c, .u = u};
+  ops_pool_run(p, (int)c->cout, wino_weights_task, &j);
+  return u;
+}
+
+static int wino_applies(const ops_conv *c, int stride) {
+  return c->kh == 3 && c->kw == 3 && stride == 1 && c->cin >= WINO_MIN_CIN;
+}
+
+float *ops_conv_winograd_weights(ops_pool *p, const ops_conv *c) {
+  if (!wino_applies(c, 1) || ops_conv2d_get_method() != OPS_CONV_WINOGRAD) return NULL;
+  return wino_transform(p, c);
+}
+
+static int conv_winograd(ops_pool *p, conv_job *j) {
+  const ops_conv *c = j->c;
+  float *u = c->wino ? NULL : wino_transform(p, c);
+  if (!c->wino && !u) return -1;
+  j->u = c->wino ? c->wino : u;
   j->tw = (j->Wo + 1) / 2;
   j->n_tiles = (j->Ho + 1) / 2 * j->tw;
   int64_t tasks = cut_tasks(j->n_tiles, wino_block_max(c), &j->strip);
@@ -574,8 +591,8 @@ void ops_conv2d(ops_pool *p, const float *x, int64_t H, int64_t W, const ops_con
     ops_pool_run(p, (int)c->cout, conv_plain_task, &j);
     return;
   }
-  if (c->kh == 3 && c->kw == 3 && stride == 1 && c->cin >= WINO_MIN_CIN &&
-      ops_conv2d_get_method() == OPS_CONV_WINOGRAD && conv_winograd(p, &j) == 0)
+  if (wino_applies(c, stride) && (c->wino || ops_conv2d_get_method() == OPS_CONV_WINOGRAD) &&
+      conv_winograd(p, &j) == 0)
     return;
   int64_t tasks = cut_tasks(j.npos, j.direct ? CONV_DIRECT_COLS : conv_strip_max(c), &j.strip);
   ops_pool_run(p, (int)tasks, conv_task, &j);

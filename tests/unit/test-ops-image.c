@@ -78,7 +78,7 @@ static double check_conv(const conv_case *k) {
   float *y1 = malloc(sizeof(float) * (size_t)ny), *y2 = malloc(sizeof(float) * (size_t)ny);
   assert_true(ref && y1 && y2);
   conv_ref(x, k, w, b, Ho, Wo, ref);
-  ops_conv c = {k->cout, k->cin, k->kh, k->kw, w, b};
+  ops_conv c = {k->cout, k->cin, k->kh, k->kw, w, b, NULL};
   double worst = 0;
   for (int threads = 1; threads <= 2; threads++) {
     float *y = threads == 1 ? y1 : y2;
@@ -202,7 +202,7 @@ static void test_conv_reserves_itself(void **state) {
   float *x = rand_buf(k.cin * k.H * k.W, 1.0f, 0.0f), *w = rand_buf(k.cout * k.cin * 9, 0.3f, 0.0f);
   float *b = rand_buf(k.cout, 0.5f, 0.0f), *y = malloc(sizeof(float) * (size_t)(k.cout * k.H * k.W));
   double *ref = malloc(sizeof(double) * (size_t)(k.cout * k.H * k.W));
-  ops_conv c = {k.cout, k.cin, 3, 3, w, b};
+  ops_conv c = {k.cout, k.cin, 3, 3, w, b, NULL};
   ops_conv2d(p, x, k.H, k.W, &c, 1, 1, 1, 1, 1, y);
   conv_ref(x, &k, w, b, k.H, k.W, ref);
   assert_true(rel_err(y, ref, k.cout * k.H * k.W) <= TOL);
@@ -295,6 +295,29 @@ static void test_group_norm(void **state) {
   check_group_norm(64, 1, 32, 0.0f, 0); /* two values per group */
 }
 
+/* Winograd weights transformed once and reused (c->wino): the same bits as ops_conv2d
+** transforming them itself; shapes that never use Winograd get none. */
+static void test_conv_prepared_weights(void **state) {
+  (void)state;
+  int64_t cin = 64, cout = 32, H = 9, W = 14;
+  float *x = rand_buf(cin * H * W, 1.0f, 0.0f), *w = rand_buf(cout * cin * 9, 0.1f, 0.0f), *b = rand_buf(cout, 1.0f, 0.0f);
+  float *y1 = malloc(sizeof(float) * (size_t)(cout * H * W)), *y2 = malloc(sizeof(float) * (size_t)(cout * H * W));
+  ops_pool *p = ops_pool_create(2, 16);
+  ops_conv c = {cout, cin, 3, 3, w, b, NULL};
+  ops_conv2d(p, x, H, W, &c, 1, 1, 1, 1, 1, y1);
+  float *u = ops_conv_winograd_weights(p, &c);
+  assert_non_null(u);
+  c.wino = u;
+  ops_conv2d(p, x, H, W, &c, 1, 1, 1, 1, 1, y2);
+  assert_memory_equal(y1, y2, sizeof(float) * (size_t)(cout * H * W));
+  free(u);
+  ops_conv thin = {cout, 32, 3, 3, w, b, NULL}, one = {cout, cin, 1, 1, w, b, NULL};
+  assert_null(ops_conv_winograd_weights(p, &thin));
+  assert_null(ops_conv_winograd_weights(p, &one));
+  ops_pool_free(p);
+  free(x); free(w); free(b); free(y1); free(y2);
+}
+
 /* GroupNorm a band of rows at a time: the same values as the whole map normalized and
 ** then SiLU'd (within 1 ulp: SiLU's vector and scalar tails may round apart). */
 static void test_group_norm_rows(void **state) {
@@ -335,7 +358,7 @@ static void test_conv1x1_inplace(void **state) {
     float *x = rand_buf(k.cin * HW, 1.0f, 0.0f), *w = rand_buf(k.cout * k.cin, 0.3f, 0.0f), *b = rand_buf(k.cout, 1.0f, 0.0f);
     double *ref = malloc(sizeof(double) * (size_t)(k.cout * HW));
     conv_ref(x, &k, w, b, 1, HW, ref);
-    ops_conv c = {k.cout, k.cin, 1, 1, w, b};
+    ops_conv c = {k.cout, k.cin, 1, 1, w, b, NULL};
     float *y[2];
     for (int t = 0; t < 2; t++) {
       y[t] = malloc(sizeof(float) * (size_t)(wide * HW));
@@ -461,6 +484,7 @@ int main(void) {
       cmocka_unit_test(test_pool_reserve),
       cmocka_unit_test(test_group_norm),
       cmocka_unit_test(test_group_norm_rows),
+      cmocka_unit_test(test_conv_prepared_weights),
       cmocka_unit_test(test_conv1x1_inplace),
       cmocka_unit_test(test_silu),
       cmocka_unit_test(test_upsample),
