@@ -88,8 +88,7 @@ def lunad_peaks(bdir, model, ins):
     for case, op, key in (("decode 64x64 latent (512x512)", "decode", "lat64"),
                           ("encode 512x512 image", "encode", "img512")):
         log("[vae] lunad, whole VAE resident: %s" % case)
-        arr = st_io.read(str(ins[key]))
-        arr = arr["latent" if op == "decode" else "image"]
+        arr = st_io.read(str(ins[key]))[0]["latent" if op == "decode" else "image"]
         with Lunad(models_dirs=[bdir]).start() as d:
             with d.client(timeout=3600) as c:
                 info = c.models("load", name)["model"]
