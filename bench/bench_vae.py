@@ -91,7 +91,7 @@ def lunad_peaks(bdir, model, ins):
         arr = st_io.read(str(ins[key]))[0]["latent" if op == "decode" else "image"]
         with Lunad(models_dirs=[bdir]).start() as d:
             with d.client(timeout=3600) as c:
-                info = c.models("load", name)["model"]
+                info = c.models("load", name, kind="vae")["model"]
                 loaded = vmhwm_mib(d.pid)
                 if op == "decode":
                     c.vae_decode(name, arr, tiled=False)

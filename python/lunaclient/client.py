@@ -477,12 +477,17 @@ class Client:
         """lunad's counters, memory, queue, cache and models (docs/PROTOCOL.md)."""
         return self.call(proto.MSG_STATUS)[0]
 
-    def models(self, action="list", model=None):
-        """List ("list"), load ("load", waits until ready or failed) or unload ("unload")
-        a model: one path or a list of up to 4, relative to lunad's models folders."""
+    def models(self, action="list", model=None, kind=None):
+        """List ("list"), load ("load", waits until ready or failed), unload ("unload") or
+        verify ("verify") a model: one path or a list of up to 4, relative to lunad's
+        models folders; kind "vae" names the VAE of the files (default: text encoders)."""
         msg = {"action": action}
         if model is not None:
             msg["model"] = _model_spec(model)
+        if kind is not None:
+            if kind not in ("text", "vae"):
+                raise LunaError(proto.EINVAL, message="kind is \"text\" or \"vae\", not %r" % (kind,))
+            msg["kind"] = kind
         return self.call(proto.MSG_MODELS, msg)[0]
 
     def encode_request(self, model, tokens=None, text=None, clip_layer=None, deadline_ms=None, cache=True,
