@@ -3,7 +3,7 @@
 A FakeServer listens on a Unix (or TCP) address, accepts connections on a thread and
 serves each on a thread of its own with the subclass's _serve(conn). The stand-ins in
 test_client_proto.py, test_lora_client.py and test_vae_client.py answer frames in their
-own ways; only this part is common.
+own ways; only this part (and recv_exact) is common.
 """
 
 import socket
@@ -39,3 +39,17 @@ class FakeServer:
 
     def _serve(self, conn):
         raise NotImplementedError
+
+
+def recv_exact(conn, n):
+    """n bytes from 'conn', or None when the client closed or reset the connection first."""
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = conn.recv(n - len(buf))
+        except OSError:  # the client went away (reset): the same as a close here
+            return None
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)

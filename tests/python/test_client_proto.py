@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 import st_io
-from fake_server import FakeServer
+from c_program import build_c_program, build_dir
+from fake_server import FakeServer, recv_exact
 
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO / "python"))
@@ -183,17 +184,6 @@ def fake_encode_outputs(n_chunks, width=8, pooled_dim=4):
     return cond, pooled
 
 
-def _recv_exact(conn, n):
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = conn.recv(n - len(buf))
-        except OSError:  # the client went away (reset): the same as a close here
-            return None
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
 
 
 class FakeLunad(FakeServer):
@@ -212,7 +202,7 @@ class FakeLunad(FakeServer):
         pending, authed = [], not self.require_hello
         with conn:
             while True:
-                head = _recv_exact(conn, proto.HEADER_SIZE)
+                head = recv_exact(conn, proto.HEADER_SIZE)
                 if head is None:
                     return
                 try:
@@ -223,7 +213,7 @@ class FakeLunad(FakeServer):
                                        int.from_bytes(head[16:24], "little"), 0)
                     conn.sendall(self._error(bad, e.code, e.message))
                     return
-                body = _recv_exact(conn, h.json_len + h.bin_len)
+                body = recv_exact(conn, h.json_len + h.bin_len)
                 msg = proto.parse_json(body[:h.json_len])
                 self.requests.append((h, msg))
                 if self.mode == "close":
@@ -496,10 +486,6 @@ def test_cli_tcp_token_file(run_luna, tmp_path):
         f.close()
 
 
-def build_dir():
-    b = Path(os.environ.get("LUNA_BUILD", "build"))
-    return b if b.is_absolute() else REPO / b
-
 
 def test_library_exports_only_luna_symbols():
     so = build_dir() / "libluna.so"
@@ -514,22 +500,7 @@ def test_library_exports_only_luna_symbols():
 
 @pytest.mark.parametrize("kind", ["static", "shared"])
 def test_c_library_against_fake(fake, tmp_path, kind):
-    cc = shutil.which("cc")
-    lib = build_dir() / ("libluna.a" if kind == "static" else "libluna.so")
-    if not cc or not lib.exists():
-        pytest.skip("no C compiler or no %s" % lib.name)
-    exe = tmp_path / ("smoke-" + kind)
-    flags = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-I", str(REPO / "include")]
-    undef = subprocess.run(["nm", "-u", str(lib)], stdout=subprocess.PIPE, text=True).stdout
-    if "__asan_" in undef:      # the SAN=1 build: the program needs the sanitizer runtimes too
-        flags += ["-fsanitize=address,undefined"]
-    src = str(Path(__file__).with_name("client_smoke.c"))
-    if kind == "static":
-        cmd = [cc] + flags + [src, str(lib), "-lcjson", "-lnettle", "-lm", "-o", str(exe)]
-    else:
-        cmd = [cc] + flags + [src, "-L", str(lib.parent), "-lluna", "-Wl,-rpath," + str(lib.parent), "-o", str(exe)]
-    b = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert b.returncode == 0, b.stdout
+    exe = build_c_program(Path(__file__).with_name("client_smoke.c"), tmp_path / ("smoke-" + kind), kind)
     f = fake()
     r = subprocess.run([str(exe), f.path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -33,7 +32,8 @@ import pytest
 
 import st_io
 from conftest_daemon import daemon_models, start_lunad  # noqa: F401
-from fake_server import FakeServer
+from c_program import build_c_program
+from fake_server import FakeServer, recv_exact
 
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO / "python"))
@@ -264,17 +264,6 @@ def fake_outputs(n_chunks=1, width=8):
     return cond, pooled
 
 
-def _recv_exact(conn, n):
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = conn.recv(n - len(buf))
-        except OSError:
-            return None
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
 
 
 class LoraFake(FakeServer):
@@ -294,11 +283,11 @@ class LoraFake(FakeServer):
     def _serve(self, conn):
         with conn:
             while True:
-                head = _recv_exact(conn, proto.HEADER_SIZE)
+                head = recv_exact(conn, proto.HEADER_SIZE)
                 if head is None:
                     return
                 h = proto.parse_header(head, 1 << 30)
-                body = _recv_exact(conn, h.json_len + h.bin_len)
+                body = recv_exact(conn, h.json_len + h.bin_len)
                 if body is None:
                     return
                 msg = proto.parse_json(body[:h.json_len])
@@ -528,24 +517,9 @@ int main(int argc, char **argv) {
 def test_c_library_lora_api(lora_fake, tmp_path, two_loras, kind):
     """luna_lora_identity, luna_client_encode with a stack and luna_client_lora_upload
     from a program that knows only include/luna.h (the static library carries SHA-256)."""
-    build = Path(os.environ.get("LUNA_BUILD", "build"))
-    build = build if build.is_absolute() else REPO / build
-    lib = build / ("libluna.a" if kind == "static" else "libluna.so")
-    cc = shutil.which("cc")
-    if not cc or not lib.exists():
-        pytest.skip("no C compiler or no %s" % lib.name)
     src = tmp_path / "prog.c"
     src.write_text(LIB_PROGRAM)
-    exe = tmp_path / "prog"
-    flags = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-Wno-div-by-zero", "-I", str(REPO / "include")]
-    if "__asan_" in subprocess.run(["nm", "-u", str(lib)], stdout=subprocess.PIPE, text=True).stdout:
-        flags += ["-fsanitize=address,undefined"]
-    if kind == "static":
-        cmd = [cc] + flags + [str(src), str(lib), "-lcjson", "-lnettle", "-lm", "-o", str(exe)]
-    else:
-        cmd = [cc] + flags + [str(src), "-L", str(lib.parent), "-lluna", "-Wl,-rpath," + str(lib.parent), "-o", str(exe)]
-    b = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert b.returncode == 0, b.stdout
+    exe = build_c_program(src, tmp_path / "prog", kind, ["-Wno-div-by-zero"])
     f = lora_fake()
     a, _ = two_loras
     ida = lora_identity(a)

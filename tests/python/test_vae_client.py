@@ -21,7 +21,6 @@ import os
 import pty
 import select
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -33,7 +32,8 @@ import numpy as np
 import pytest
 
 import st_io
-from fake_server import FakeServer
+from c_program import build_c_program, build_dir
+from fake_server import FakeServer, recv_exact
 
 REPO = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(REPO / "python"))
@@ -61,17 +61,6 @@ def fake_encode(pixels, channels=4):
     return np.ascontiguousarray(cells[..., [k % 3 for k in range(channels)]].transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-def _recv_exact(conn, n):
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = conn.recv(n - len(buf))
-        except OSError:
-            return None
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
 
 
 class FakeVae(FakeServer):
@@ -97,11 +86,11 @@ class FakeVae(FakeServer):
         pending = []
         with conn:
             while True:
-                head = _recv_exact(conn, proto.HEADER_SIZE)
+                head = recv_exact(conn, proto.HEADER_SIZE)
                 if head is None:
                     return
                 h = proto.parse_header(head, 1 << 30)
-                body = _recv_exact(conn, h.json_len + h.bin_len)
+                body = recv_exact(conn, h.json_len + h.bin_len)
                 if body is None:
                     return
                 msg = proto.parse_json(body[:h.json_len])
@@ -680,29 +669,10 @@ def test_local_progress_on_a_terminal(luna_bin, tmp_path, tiny_vaes):
 
 # ---- the C library -----------------------------------------------------------------------
 
-def build_dir():
-    b = Path(os.environ.get("LUNA_BUILD", "build"))
-    return b if b.is_absolute() else REPO / b
-
 
 @pytest.mark.parametrize("kind", ["static", "shared"])
 def test_c_library_against_fake(fake, tmp_path, kind):
-    cc = shutil.which("cc")
-    lib = build_dir() / ("libluna.a" if kind == "static" else "libluna.so")
-    if not cc or not lib.exists():
-        pytest.skip("no C compiler or no %s" % lib.name)
-    exe = tmp_path / ("vae-smoke-" + kind)
-    flags = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-I", str(REPO / "include")]
-    undef = subprocess.run(["nm", "-u", str(lib)], stdout=subprocess.PIPE, text=True).stdout
-    if "__asan_" in undef:
-        flags += ["-fsanitize=address,undefined"]
-    src = str(Path(__file__).with_name("vae_smoke.c"))
-    if kind == "static":
-        cmd = [cc] + flags + [src, str(lib), "-lcjson", "-lnettle", "-lm", "-o", str(exe)]
-    else:
-        cmd = [cc] + flags + [src, "-L", str(lib.parent), "-lluna", "-Wl,-rpath," + str(lib.parent), "-o", str(exe)]
-    b = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert b.returncode == 0, b.stdout
+    exe = build_c_program(Path(__file__).with_name("vae_smoke.c"), tmp_path / ("vae-smoke-" + kind), kind)
     f = fake()
     r = subprocess.run([str(exe), f.path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
