@@ -346,13 +346,14 @@ int registry_acquire_kind(const cJSON *spec, model_kind kind, model **out, char 
     *out = m;
     enforce_budget(&freed);
   }
+  /* logged under the lock: once it is released, the last waiter may free a failed entry */
+  if (lrc) log_error("loading %s %s failed: %s", kind == MODEL_VAE ? "VAE" : "model", m->id, lerr);
   pthread_cond_broadcast(&reg.cv);
   pthread_mutex_unlock(&reg.mu);
-  if (lrc) log_error("loading %s %s failed: %s", kind == MODEL_VAE ? "VAE" : "model", m->id, lerr);
-  else if (kind == MODEL_VAE)
+  if (!lrc && kind == MODEL_VAE) /* a ready m is held by our reference */
     log_info("VAE %s ready: %d latent channels, %.1f MiB of weights, %.0f ms", m->id,
              vae_get_hparams(v)->latent_channels, (double)vae_weight_bytes(v) / (1024.0 * 1024.0), srv_now_ms() - t0);
-  else
+  else if (!lrc)
     log_info("model %s ready: %s, %.1f MiB of weights, %.0f ms", m->id, te_family_name(te_set_family(set)),
              (double)te_set_weight_bytes(set) / (1024.0 * 1024.0), srv_now_ms() - t0);
   free_list(freed);

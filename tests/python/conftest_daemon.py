@@ -18,6 +18,7 @@ Helpers: local_encode(), raw_tensors(), st_bytes(), assert_serving().
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -93,6 +94,7 @@ def start_lunad(daemon_models):
 
     yield start
     problems = []
+    crashes = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
     for d in started:
         try:
             if d.alive():
@@ -100,6 +102,10 @@ def start_lunad(daemon_models):
                 if rc != 0:
                     problems.append("lunad (%s) exited with status %s on SIGTERM at teardown; log tail:\n%s"
                                     % (" ".join(d.argv()[1:]), rc, d.log()[-3000:]))
+            elif d.proc is not None and d.proc.poll() in crashes:
+                # no test kills lunad with these: it crashed during the test
+                problems.append("lunad (%s) crashed during the test (signal %d); log tail:\n%s"
+                                % (" ".join(d.argv()[1:]), -d.proc.returncode, d.log()[-3000:]))
         finally:
             d.close()
     if problems:
