@@ -117,6 +117,16 @@ LUNA_API void luna_client_close(luna_client *c);
 LUNA_API int luna_client_errcode(const luna_client *c);
 LUNA_API const char *luna_client_errmsg(const luna_client *c);
 
+/*
+** luna_client_set_timeout bounds every later wait on 'c': a call fails with
+** LUNA_ETIMEDOUT when lunad sends nothing (or takes none of a request) for
+** 'timeout_ms' milliseconds, and the connection is closed, since the stream has lost
+** its place. A long decode's progress frames count as something: only a silent lunad
+** times out. 0 (the default) waits as long as it takes. Negative: LUNA_EINVAL. A
+** handle that is not connected: LUNA_ECONN.
+*/
+LUNA_API int luna_client_set_timeout(luna_client *c, int timeout_ms);
+
 /* luna_client_ping sends a ping and waits for the reply. */
 LUNA_API int luna_client_ping(luna_client *c);
 

@@ -11,7 +11,7 @@ any order, and recv() returns replies as they come, errors included (the ERROR f
 is set in 'flags' and 'msg' holds {"code", "name", "message"}).
 
 A Client is not thread-safe: use it from one thread at a time. After a failure of the
-connection itself (LunaError ECONN or a broken frame) the client is closed.
+connection itself (LunaError ECONN, ETIMEDOUT or a broken frame) the client is closed.
 
 VAE: vae_decode(model, latent) and vae_encode(model, pixels) take and return numpy
 arrays; their 'progress' callback gets lunad's progress frames (flags REPLY|PROGRESS),
@@ -244,7 +244,8 @@ class Client:
     def unix(cls, path=None, timeout=None):
         """Connect to lunad's Unix socket ('path', default default_socket()).
         'timeout' (seconds) bounds each socket operation; None waits forever. A
-        timeout raises LunaError ECONN and closes the client (a reply may be half read)."""
+        timeout raises LunaError ETIMEDOUT and closes the client (a reply may be half
+        read); a long decode's progress frames keep it from expiring."""
         path = os.fspath(path) if path is not None else default_socket()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
@@ -329,6 +330,9 @@ class Client:
             self._sock.sendall(frame)
             if rest:
                 self._sock.sendall(rest)
+        except TimeoutError:
+            raise self._broken(proto.ETIMEDOUT, "lunad took none of the request for %g s (the client's timeout)"
+                               % self._sock.gettimeout()) from None
         except OSError as e:
             # lunad may have refused the frame (ETOOBIG) and closed: its error reply,
             # if it got that far, is still waiting to be read and says more than EPIPE.
@@ -353,6 +357,9 @@ class Client:
                 k = self._sock.recv_into(view[got:], n - got)
             except InterruptedError:
                 continue
+            except TimeoutError:  # socket.timeout: the reply's place in the stream is lost
+                raise self._broken(proto.ETIMEDOUT, "nothing from lunad for %g s while waiting for the reply's %s "
+                                   "(the client's timeout)" % (self._sock.gettimeout(), what)) from None
             except OSError as e:
                 raise self._broken(proto.ECONN, "reading the reply's %s: %s" % (what, e.strerror or e)) from None
             if k == 0:

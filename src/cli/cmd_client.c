@@ -122,6 +122,7 @@ int cmd_connect(const cmd_target *t, const char *cmd, luna_client **out) {
   } else {
     rc = luna_client_connect_unix(t->socket, &c);
   }
+  if (!rc && t->timeout_ms) rc = luna_client_set_timeout(c, t->timeout_ms);
   if (rc) {
     fprintf(stderr, "luna %s: %s\n", cmd, luna_client_errmsg(c));
     luna_client_close(c);
@@ -439,8 +440,8 @@ int cmd_lora(const cmd_target *t, int argc, char **argv) {
   }
   const char *arg = want ? v[optind] : NULL;
   if (!a->daemon) {
-    if (t->socket || t->connect) {
-      fprintf(stderr, "luna lora id: runs locally; --socket and --connect do not apply\n");
+    if (cmd_target_given(t)) {
+      fprintf(stderr, "luna lora id: runs locally; --socket, --connect and --timeout do not apply\n");
       return 2;
     }
     return lora_id_cmd(arg);

@@ -280,6 +280,10 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
     fprintf(stderr, "luna encode: --deadline-ms and --no-cache apply to lunad, not to --local\n");
     return 2;
   }
+  if (cmd_target_given(target)) {
+    fprintf(stderr, "luna encode: --socket, --connect and --timeout apply to lunad, not to --local\n");
+    return 2;
+  }
   if (!n_models || !out_path || (!text == !tokfile) || (text && !tokdir) || (tokdir && !text)) {
     fprintf(stderr, "luna encode: need --model, --out, and either --text with --tokenizer or --tokens\n");
     usage(stderr);

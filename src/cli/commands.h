@@ -12,7 +12,14 @@ typedef struct cmd_target {
   const char *socket;     /* --socket PATH; NULL: luna_default_socket() */
   const char *connect;    /* --connect HOST:PORT, or NULL for the Unix socket */
   const char *token_file; /* --token-file FILE, required with 'connect' */
+  int timeout_ms;         /* --timeout SECONDS as ms; 0: none */
 } cmd_target;
+
+/* Whether any global option that concerns lunad was given (for commands that run
+** locally, which refuse them). */
+static inline int cmd_target_given(const cmd_target *t) {
+  return t->socket || t->connect || t->token_file || t->timeout_ms;
+}
 
 /* cmd_connect connects to lunad as 't' says (cmd_client.c). Returns 0 with '*out' set,
 ** 1 after printing why it failed, or 2 for bad global options. */

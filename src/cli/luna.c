@@ -4,12 +4,14 @@
 #include "luna.h"
 #include "ops/ops.h"
 
+#include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static void usage(FILE *f) {
   fprintf(f,
-          "usage: luna [--socket PATH | --connect HOST:PORT --token-file FILE] <command> [options]\n"
+          "usage: luna [--socket PATH | --connect HOST:PORT --token-file FILE] [--timeout S] <command> [options]\n"
           "\n"
           "commands that talk to lunad:\n"
           "  ping        round-trip time to lunad\n"
@@ -31,6 +33,9 @@ static void usage(FILE *f) {
           "  --connect HOST:PORT   use lunad's TCP listener instead ([IPv6]:PORT for IPv6)\n"
           "  --token-file FILE     the token for --connect: the file's content, one trailing\n"
           "                        newline removed\n"
+          "  --timeout SECONDS     give up (exit 1, ETIMEDOUT) when lunad sends nothing for\n"
+          "                        this long once connected; a decode's progress counts\n"
+          "                        (default: wait as long as it takes)\n"
           "\n"
           "Run 'luna <command> --help' for a command's options.\n",
           luna_default_socket());
@@ -53,6 +58,16 @@ static int take_opt(int argc, char **argv, int *i, const char *name, const char 
   return 1;
 }
 
+/* --timeout SECONDS: a decimal number of seconds in (0, 2e6], as whole milliseconds (at least 1). */
+static int parse_timeout(const char *s, int *ms) {
+  char *end;
+  errno = 0;
+  double v = strtod(s, &end);
+  if (end == s || *end || errno || !(v > 0 && v <= 2e6)) return -1;
+  *ms = v * 1000.0 < 1.0 ? 1 : (int)(v * 1000.0 + 0.5);
+  return 0;
+}
+
 /* Whether the encode (decode, encode-image) arguments ask for --local (getopt_long also takes a unique prefix
 ** of it, "--l" at the shortest; a prompt that looks like one only costs a BLAS check). */
 static int wants_local(int argc, char **argv) {
@@ -65,7 +80,8 @@ static int wants_local(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-  cmd_target t = {NULL, NULL, NULL};
+  cmd_target t = {NULL, NULL, NULL, 0};
+  const char *timeout = NULL;
   int i = 1;
   for (; i < argc && argv[i][0] == '-'; i++) {
     const char *a = argv[i];
@@ -76,7 +92,8 @@ int main(int argc, char **argv) {
     int r;
     if ((r = take_opt(argc, argv, &i, "--socket", &t.socket)) ||
         (r = take_opt(argc, argv, &i, "--connect", &t.connect)) ||
-        (r = take_opt(argc, argv, &i, "--token-file", &t.token_file))) {
+        (r = take_opt(argc, argv, &i, "--token-file", &t.token_file)) ||
+        (r = take_opt(argc, argv, &i, "--timeout", &timeout))) {
       if (r < 0) {
         fprintf(stderr, "luna: option '%s' needs a value\n", a);
         return 2;
@@ -95,6 +112,11 @@ int main(int argc, char **argv) {
     fprintf(stderr, "luna: give --socket or --connect, not both\n");
     return 2;
   }
+  if (timeout && parse_timeout(timeout, &t.timeout_ms)) {
+    fprintf(stderr, "luna: --timeout wants seconds, more than 0 and at most 2000000 (0.5, 30, ...), got '%s'\n",
+            timeout);
+    return 2;
+  }
   if (t.token_file && !t.connect) {
     fprintf(stderr, "luna: --token-file goes with --connect (the Unix socket needs no token)\n");
     return 2;
@@ -102,7 +124,6 @@ int main(int argc, char **argv) {
   int n = argc - i;
   char **v = argv + i;
   const char *cmd = v[0];
-  int remote_opts = t.socket || t.connect;
   if (!strcmp(cmd, "help")) {
     usage(stdout);
     return 0;
@@ -123,8 +144,8 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "models")) return cmd_models(&t, n, v);
   if (!strcmp(cmd, "lora")) return cmd_lora(&t, n, v);
   if (!strcmp(cmd, "tokenize") || !strcmp(cmd, "demo-model")) {
-    if (remote_opts) {
-      fprintf(stderr, "luna: '%s' runs locally; --socket and --connect do not apply\n", cmd);
+    if (cmd_target_given(&t)) {
+      fprintf(stderr, "luna: '%s' runs locally; --socket, --connect and --timeout do not apply\n", cmd);
       return 2;
     }
     return !strcmp(cmd, "tokenize") ? cmd_tokenize(n, v) : cmd_demo_model(n, v);

@@ -39,6 +39,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -78,6 +79,7 @@ struct luna_client {
   cJSON *err_json;            /* the most recent error reply's JSON, or NULL */
   lora_id_entry ids[LORA_ID_CACHE];
   int next_slot;              /* the cache slot to reuse next once all are taken */
+  int timeout_ms;             /* luna_client_set_timeout; 0: wait as long as it takes */
 };
 
 /* A reply: 'buf' owns the JSON and binary parts; 'msg' is the parsed JSON part. */
@@ -154,6 +156,9 @@ static int read_all(luna_client *c, uint8_t *p, size_t len, const char *what) {
       if (errno == EINTR) continue;
       int e = errno;
       drop(c);
+      if (e == EAGAIN || e == EWOULDBLOCK) /* SO_RCVTIMEO: the reply's place in the stream is lost */
+        return set_err(c, LUNA_ETIMEDOUT, "%s: nothing from lunad for %d ms while waiting for the reply's %s "
+                       "(the client's timeout); the connection is closed", c->peer, c->timeout_ms, what);
       return set_err(c, LUNA_ECONN, "%s: reading the reply's %s: %s", c->peer, what, strerror(e));
     }
     if (n == 0) {
@@ -349,6 +354,9 @@ static int exchange_full(luna_client *c, uint16_t type, const cJSON *msg, const 
     }
     reply_free(r);
     drop(c);
+    if (e == EAGAIN || e == EWOULDBLOCK) /* SO_SNDTIMEO */
+      return set_err(c, LUNA_ETIMEDOUT, "%s: lunad took none of the request for %d ms (the client's timeout); "
+                     "the connection is closed", c->peer, c->timeout_ms);
     return set_err(c, LUNA_ECONN, "%s: sending a request: %s", c->peer, strerror(e));
   }
   return read_reply(c, type, id, progress, ud, r);
@@ -364,6 +372,19 @@ static int exchange(luna_client *c, uint16_t type, const cJSON *msg, reply *r) {
 }
 
 /* ---- connecting ------------------------------------------------------------------ */
+
+int luna_client_set_timeout(luna_client *c, int timeout_ms) {
+  if (!c) return LUNA_EINVAL;
+  if (timeout_ms < 0) return set_err(c, LUNA_EINVAL, "timeout %d ms: must be 0 (none) or more", timeout_ms);
+  if (c->fd < 0) return set_err(c, LUNA_ECONN, "%s: not connected", c->peer);
+  struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+  if (setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0 ||
+      setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) < 0)
+    return set_err(c, LUNA_ECONN, "%s: setting the socket's timeout: %s", c->peer, strerror(errno));
+  c->timeout_ms = timeout_ms;
+  set_ok(c);
+  return 0;
+}
 
 int luna_client_connect_unix(const char *path, luna_client **out) {
   if (!out) return LUNA_EINVAL;

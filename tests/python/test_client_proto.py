@@ -10,6 +10,7 @@
   (client_smoke.c) built against libluna.a and libluna.so from include/luna.h alone.
 """
 
+import ctypes
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +191,8 @@ def fake_encode_outputs(n_chunks, width=8, pooled_dim=4):
 class FakeLunad(FakeServer):
     """Answers requests like lunad, from made-up state. Replies go out once 'batch'
     requests of a connection are waiting, last first. 'mode' breaks things on purpose:
-    "badmagic" (a reply with a wrong magic) or "close" (close without replying).
+    "badmagic" (a reply with a wrong magic), "close" (close without replying) or
+    "silent" (read every request, answer none, keep the connection open).
     Frames over 'max_frame' get ETOOBIG and the connection is closed unread, as lunad does."""
 
     def __init__(self, address, family=socket.AF_UNIX, batch=1, mode=None, require_hello=False,
@@ -218,6 +221,8 @@ class FakeLunad(FakeServer):
                 self.requests.append((h, msg))
                 if self.mode == "close":
                     return
+                if self.mode == "silent":
+                    continue
                 if not authed:
                     ok = h.type == proto.MSG_HELLO and msg.get("token") == TOKEN
                     if not ok:
@@ -468,6 +473,70 @@ def test_cli_usage(run_luna, tmp_path):
     assert r.returncode == 1 and "token file" in r.stderr
     r = run_luna("--socket", tmp_path / "no.sock", "ping")
     assert r.returncode == 1 and "ECONN" in r.stderr
+
+
+def test_cli_timeout(fake, run_luna, tmp_path):
+    """--timeout: a lunad that says nothing fails the command with ETIMEDOUT, soon; an
+    answering one is unaffected; bad values and local commands are refused."""
+    silent, ok = fake(mode="silent"), fake()
+    t0 = time.monotonic()
+    r = run_luna("--socket", silent.path, "--timeout", "0.3", "ping")
+    took = time.monotonic() - t0
+    assert r.returncode == 1 and "ETIMEDOUT" in r.stderr and "300 ms" in r.stderr, r.stderr
+    assert took < 20, took
+    assert len(silent.requests) == 1
+    tok = tmp_path / "tokens.json"
+    tok.write_text(json.dumps(TOKENS))
+    r = run_luna("--socket", silent.path, "--timeout=0.2", "encode", "--model", "demo.safetensors", "--tokens", tok,
+                 "--out", tmp_path / "o.safetensors")
+    assert r.returncode == 1 and "ETIMEDOUT" in r.stderr and not (tmp_path / "o.safetensors").exists(), r.stderr
+    r = run_luna("--socket", ok.path, "--timeout", "5", "health")
+    assert r.returncode == 0 and json.loads(r.stdout)["ready"] is True, r.stderr
+    for bad in ("0", "-1", "abc", "nan", "inf", "1e9", ""):
+        r = run_luna("--socket", ok.path, "--timeout", bad, "ping")
+        assert r.returncode == 2 and "--timeout" in r.stderr, (bad, r.stderr)
+    r = run_luna("--timeout", "1", "tokenize", "--help")
+    assert r.returncode == 2 and "--timeout" in r.stderr
+    for cmd in (["encode", "--local", "--model", "m", "--tokens", tok, "--out", "o"],
+                ["decode", "--local", "--model", "m", "--latent", "l", "--out", "o.safetensors"]):
+        r = run_luna("--socket", ok.path, *cmd)
+        assert r.returncode == 2 and "--local" in r.stderr and "--socket" in r.stderr, (cmd, r.stderr)
+
+
+def test_c_library_timeout(fake):
+    """luna_client_set_timeout: ETIMEDOUT from a silent lunad, the handle closed after it."""
+    so = build_dir() / "libluna.so"
+    if not so.exists():
+        pytest.skip("no libluna.so")
+    lib = ctypes.CDLL(str(so))
+    lib.luna_client_errmsg.restype = ctypes.c_char_p
+    silent = fake(mode="silent")
+    c = ctypes.c_void_p()
+    assert lib.luna_client_connect_unix(silent.path.encode(), ctypes.byref(c)) == 0
+    try:
+        assert lib.luna_client_set_timeout(c, -1) == proto.EINVAL
+        assert b"-1 ms" in lib.luna_client_errmsg(c)
+        assert lib.luna_client_set_timeout(c, 250) == 0 and lib.luna_client_errmsg(c) == b""
+        t0 = time.monotonic()
+        assert lib.luna_client_ping(c) == proto.ETIMEDOUT
+        assert time.monotonic() - t0 < 20
+        msg = lib.luna_client_errmsg(c).decode()
+        assert msg.startswith("ETIMEDOUT: unix:") and "250 ms" in msg and "header" in msg, msg
+        assert lib.luna_client_ping(c) == proto.ECONN        # the stream lost its place: closed
+        assert lib.luna_client_set_timeout(c, 100) == proto.ECONN
+    finally:
+        lib.luna_client_close(c)
+    assert lib.luna_client_set_timeout(None, 100) == proto.EINVAL
+
+
+def test_python_timeout(fake):
+    """Client(timeout=): ETIMEDOUT from a silent lunad, and the client closed."""
+    silent = fake(mode="silent")
+    c = Client.unix(silent.path, timeout=0.25)
+    with pytest.raises(LunaError) as ei:
+        c.ping()
+    assert ei.value.name == "ETIMEDOUT" and "0.25 s" in ei.value.message and "header" in ei.value.message
+    assert c.closed
 
 
 def test_cli_tcp_token_file(run_luna, tmp_path):
