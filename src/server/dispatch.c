@@ -229,15 +229,10 @@ static void run_models(job *j) {
     registry_release(m);
     return reply_json(j, o, NULL, 0);
   }
+  /* described while held: once released, an unload or the memory budget may free it */
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddItemToObject(o, "model", registry_describe_model(m));
   registry_release(m);
-  int ready;
-  cJSON *all = registry_describe(&ready), *o = cJSON_CreateObject();
-  for (cJSON *e = all->child; e; e = e->next)
-    if (!strcmp(cJSON_GetObjectItem(e, "id")->valuestring, model_id(m))) {
-      cJSON_AddItemToObject(o, "model", cJSON_Duplicate(e, 1));
-      break;
-    }
-  cJSON_Delete(all);
   reply_json(j, o, NULL, 0);
 }
 

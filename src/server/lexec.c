@@ -19,7 +19,8 @@
 **               forward pass. A new merge replaces the slot's without waiting: the old
 **               one is freed when its last user finishes.
 ** A batch always holds the oldest queued request (work.c), so no stack starves.
-** Lock: slot->mu (per model) only; never held with another lock.
+** Locks: slot->mu (per model), and X.mu (counters, a leaf) which is taken while
+** slot->mu may be held: the order is slot->mu, then X.mu.
 */
 #include "server/server.h"
 
@@ -150,7 +151,8 @@ static int acquire_lock(struct lexec_slot *s, const te_set *set, const lexec_sta
   double t0 = srv_now_ms();
   int waited = 0;
   uint64_t ticket = s->next_ticket++;
-  while (s->serving != ticket || (s->cur->users > 0 && strcmp(s->cur->key, st->key))) {
+  /* s->cur is NULL only after a merge and its fallback both ran out of memory */
+  while (s->serving != ticket || (s->cur && s->cur->users > 0 && strcmp(s->cur->key, st->key))) {
     waited = 1;
     pthread_cond_wait(&s->cv, &s->mu);
   }
@@ -161,7 +163,7 @@ static int acquire_lock(struct lexec_slot *s, const te_set *set, const lexec_sta
     X.wait_ms += srv_now_ms() - t0;
     pthread_mutex_unlock(&X.mu);
   }
-  if (strcmp(s->cur->key, st->key)) {
+  if (!s->cur || strcmp(s->cur->key, st->key)) {
     /* restore and merge with the model locked (nobody else may use the slot); the new
     ** merge reuses the old one's buffers, then the old one is dropped */
     merged *old = s->cur, *g;

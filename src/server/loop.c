@@ -53,7 +53,7 @@ static struct {
   double stop_deadline_ms;
 } L = {.unix_fd = -1, .tcp_fd = -1, .sig_fd = -1};
 
-static atomic_int never_cancelled;
+static atomic_int preloads_cancelled; /* the --preload jobs' cancel flag: set on the stop signal */
 
 /* ---- connections ------------------------------------------------------------------ */
 
@@ -122,29 +122,41 @@ static void conn_queue(conn *c, const uint8_t *data, size_t len) {
   c->wlen += len;
 }
 
+static void conn_process(conn *c);
+
+/* Send what the socket takes. Frames left unparsed in the read buffer while replies
+** were over WRITE_HIGH_WATER are parsed once they are under it again: the socket has
+** nothing more to say about them, so no EPOLLIN would come. */
 static void conn_flush(conn *c) {
-  while (!c->dead && c->woff < c->wlen) {
-    ssize_t n = send(c->fd, c->wbuf + c->woff, c->wlen - c->woff, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-      conn_close(c, strerror(errno));
-      return;
+  for (;;) {
+    while (!c->dead && c->woff < c->wlen) {
+      ssize_t n = send(c->fd, c->wbuf + c->woff, c->wlen - c->woff, MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        conn_close(c, strerror(errno));
+        return;
+      }
+      c->woff += (size_t)n;
     }
-    c->woff += (size_t)n;
-  }
-  if (c->dead) return;
-  if (c->woff == c->wlen) {
-    c->woff = c->wlen = 0;
-    if (c->wcap > CONN_KEEP_BYTES) { /* idle connections hold little memory */
-      free(c->wbuf);
-      c->wbuf = NULL;
-      c->wcap = 0;
+    if (c->dead) return;
+    if (c->woff == c->wlen) {
+      c->woff = c->wlen = 0;
+      if (c->wcap > CONN_KEEP_BYTES) { /* idle connections hold little memory */
+        free(c->wbuf);
+        c->wbuf = NULL;
+        c->wcap = 0;
+      }
+      if (c->close_after_write) {
+        conn_close(c, "protocol error");
+        return;
+      }
     }
-    if (c->close_after_write) {
-      conn_close(c, "protocol error");
-      return;
-    }
+    size_t before = c->rlen;
+    if (!before || c->close_after_write || c->wlen - c->woff >= WRITE_HIGH_WATER) break;
+    conn_process(c);
+    if (c->dead) return;
+    if (c->rlen == before) break; /* only a partial frame there */
   }
   conn_update_events(c);
 }
@@ -413,19 +425,20 @@ static void deliver_done(void) {
       j = next;
       continue;
     }
-    if (c && j->reply) atomic_fetch_add(j->failed ? &srv.stats.failed : &srv.stats.served, 1);
     if (!c) { /* a --preload */
       atomic_fetch_sub(&srv.preloads_pending, 1);
-      if (j->failed) log_error("--preload %s failed", cJSON_GetObjectItem(j->msg, "model")->valuestring);
+      const char *name = cJSON_GetObjectItem(j->msg, "model")->valuestring;
+      if (j->failed) log_error("--preload %s failed", name);
+      else if (!j->reply) log_info("--preload %s skipped: lunad is stopping", name);
     }
     if (c) {
       c->refs--;
       if (c->dead) {
         if (j->reply) atomic_fetch_add(&srv.stats.dropped, 1);
       } else if (j->reply) {
+        atomic_fetch_add(j->failed ? &srv.stats.failed : &srv.stats.served, 1);
         conn_queue(c, j->reply, j->reply_len);
-        conn_flush(c);
-        if (!c->dead && c->rlen) conn_process(c); /* reading may have paused */
+        conn_flush(c); /* parses frames whose reading paused, too */
       }
     }
     free(j->reply);
@@ -435,6 +448,13 @@ static void deliver_done(void) {
     free(j);
     j = next;
   }
+}
+
+/* After loop_run and work_stop: the jobs that finished once the loop had stopped (their
+** connections are all closed) and the connections they held are freed. */
+void loop_finish(void) {
+  deliver_done();
+  bury_dead();
 }
 
 /* ---- listeners -------------------------------------------------------------------- */
@@ -524,7 +544,7 @@ static void submit_preloads(void) {
   for (int i = 0; i < srv.cfg.n_preload; i++) {
     job *j = calloc(1, sizeof *j);
     if (!j) return;
-    j->cancelled = &never_cancelled;
+    j->cancelled = &preloads_cancelled;
     j->type = LUNA_MSG_MODELS;
     j->msg = cJSON_CreateObject();
     cJSON_AddStringToObject(j->msg, "action", "load");
@@ -574,6 +594,7 @@ int loop_run(char *err) {
             log_info("signal %u: no new connections or work; finishing in-flight work (grace %.0f s)",
                      si.ssi_signo, srv.cfg.grace_s);
             atomic_store(&srv.stopping, 1);
+            atomic_store(&preloads_cancelled, 1); /* a model nobody will use: not worth loading now */
             L.stop_deadline_ms = srv_now_ms() + srv.cfg.grace_s * 1000.0;
             stop_listening();
           } else {

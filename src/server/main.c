@@ -93,6 +93,7 @@ int main(int argc, char **argv) {
            (unsigned long long)(srv.cfg.lora_cache_mem >> 20), srv.cfg.n_loras_dirs);
   rc = loop_run(err);
   work_stop();
+  loop_finish();
   registry_free();
   lcache_free();
   rcache_free();

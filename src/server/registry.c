@@ -419,38 +419,53 @@ int registry_unload(const cJSON *spec, model_kind kind, char *err) {
   return rc;
 }
 
+/* One model's entry of registry_describe, with reg.mu held; 'own' references (the
+** caller's) are left out of "in_use". */
+static cJSON *describe(const model *m, int own) {
+  cJSON *o = cJSON_CreateObject();
+  if (!o) return NULL;
+  cJSON_AddStringToObject(o, "id", m->id);
+  cJSON *files = cJSON_AddArrayToObject(o, "files");
+  for (int i = 0; i < m->n_paths; i++) {
+    const char *base = strrchr(m->paths[i], '/');
+    cJSON_AddItemToArray(files, cJSON_CreateString(base ? base + 1 : m->paths[i]));
+  }
+  const char *st = m->state == M_LOADING ? "loading" : m->state == M_READY ? "ready" : "failed";
+  cJSON_AddStringToObject(o, "state", st);
+  if (m->state == M_FAILED) cJSON_AddStringToObject(o, "error", m->error);
+  cJSON_AddStringToObject(o, "kind", m->kind == MODEL_VAE ? "vae" : "text");
+  if (m->state == M_READY && m->kind == MODEL_VAE) {
+    cJSON_AddNumberToObject(o, "latent_channels", vae_get_hparams(m->vae)->latent_channels);
+    cJSON_AddNumberToObject(o, "weights_bytes", (double)vae_weight_bytes(m->vae));
+  } else if (m->state == M_READY) {
+    cJSON_AddStringToObject(o, "family", te_family_name(te_set_family(m->set)));
+    cJSON_AddNumberToObject(o, "weights_bytes", (double)te_set_weight_bytes(m->set));
+  }
+  cJSON_AddNumberToObject(o, "requests", (double)m->requests);
+  cJSON_AddNumberToObject(o, "in_use", m->refs - own);
+  if (m->unload_pending) cJSON_AddBoolToObject(o, "unload_pending", 1);
+  return o;
+}
+
 cJSON *registry_describe(int *all_ready) {
   cJSON *arr = cJSON_CreateArray();
   *all_ready = 1;
   pthread_mutex_lock(&reg.mu);
   for (model *m = reg.head; m && arr; m = m->next) {
-    cJSON *o = cJSON_CreateObject();
+    cJSON *o = describe(m, 0);
     if (!o) break;
-    cJSON_AddStringToObject(o, "id", m->id);
-    cJSON *files = cJSON_AddArrayToObject(o, "files");
-    for (int i = 0; i < m->n_paths; i++) {
-      const char *base = strrchr(m->paths[i], '/');
-      cJSON_AddItemToArray(files, cJSON_CreateString(base ? base + 1 : m->paths[i]));
-    }
-    const char *st = m->state == M_LOADING ? "loading" : m->state == M_READY ? "ready" : "failed";
-    cJSON_AddStringToObject(o, "state", st);
     if (m->state == M_LOADING) *all_ready = 0;
-    if (m->state == M_FAILED) cJSON_AddStringToObject(o, "error", m->error);
-    cJSON_AddStringToObject(o, "kind", m->kind == MODEL_VAE ? "vae" : "text");
-    if (m->state == M_READY && m->kind == MODEL_VAE) {
-      cJSON_AddNumberToObject(o, "latent_channels", vae_get_hparams(m->vae)->latent_channels);
-      cJSON_AddNumberToObject(o, "weights_bytes", (double)vae_weight_bytes(m->vae));
-    } else if (m->state == M_READY) {
-      cJSON_AddStringToObject(o, "family", te_family_name(te_set_family(m->set)));
-      cJSON_AddNumberToObject(o, "weights_bytes", (double)te_set_weight_bytes(m->set));
-    }
-    cJSON_AddNumberToObject(o, "requests", (double)m->requests);
-    cJSON_AddNumberToObject(o, "in_use", m->refs);
-    if (m->unload_pending) cJSON_AddBoolToObject(o, "unload_pending", 1);
     cJSON_AddItemToArray(arr, o);
   }
   pthread_mutex_unlock(&reg.mu);
   return arr;
+}
+
+cJSON *registry_describe_model(const model *m) {
+  pthread_mutex_lock(&reg.mu);
+  cJSON *o = describe(m, 1);
+  pthread_mutex_unlock(&reg.mu);
+  return o;
 }
 
 uint64_t registry_weight_bytes(void) {

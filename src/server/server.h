@@ -118,6 +118,8 @@ void config_free(void);              /* strings read from --config files */
 
 /* loop.c -- listeners, connections, frames, the epoll loop */
 int loop_run(char *err);
+/* loop_finish frees what finished after loop_run returned (call it after work_stop). */
+void loop_finish(void);
 
 /* work.c -- the queue and the compute workers */
 int work_start(char *err);
@@ -155,6 +157,9 @@ int registry_unload(const cJSON *spec, model_kind kind, char *err);
 /* JSON array of the models (for health, status and models list); 'ready' gets 0 when
 ** a model is loading. */
 cJSON *registry_describe(int *all_ready);
+/* The entry of registry_describe for 'm', which the caller holds (its reference is not
+** counted in "in_use"). */
+cJSON *registry_describe_model(const model *m);
 uint64_t registry_weight_bytes(void);
 
 /* srv_resolve_path resolves a client-supplied relative path inside one of 'dirs' (the

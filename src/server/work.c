@@ -178,8 +178,10 @@ int work_submit(job *j) {
 
 job *work_take_done(void) {
   uint64_t v;
-  ssize_t r = read(srv.wake_fd, &v, sizeof v);
-  (void)r;
+  if (srv.wake_fd >= 0) { /* closed by work_stop */
+    ssize_t r = read(srv.wake_fd, &v, sizeof v);
+    (void)r;
+  }
   pthread_mutex_lock(&srv.done_mu);
   job *j = srv.done_head;
   srv.done_head = srv.done_tail = NULL;

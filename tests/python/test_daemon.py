@@ -914,6 +914,69 @@ def test_model_that_fails_to_load(start_lunad, fresh_models, daemon_models, tiny
     assert_serving(d, tiny_expected)
 
 
+def test_load_reply_when_the_budget_drops_it(start_lunad, tiny_expected):
+    """models load of a model over --max-model-mem while another one is in use: the
+    loaded model is dropped as soon as the load's reference goes, and the reply still
+    describes it (it is described while held, never after: that read freed memory)."""
+    d = start_lunad("--max-model-mem", "1", "--workers", "2", "--batch-max", "1")
+    toks = [tokens_for([30], seed=70 + k) for k in range(3)]
+    with d.client() as c, d.client() as admin:
+        rids = [c.send(proto.MSG_ENCODE, c.encode_request("slow.safetensors", tokens=t, cache=False)) for t in toks]
+        wait_for(lambda: admin.status()["queue"]["running"] >= 1, 10 * SLOW, "work running")
+        for _ in range(3):
+            got = admin.models("load", "tiny.safetensors")["model"]
+            assert got["id"] == "tiny.safetensors" and got["state"] == "ready" and got["kind"] == "text", got
+            assert got["in_use"] == 0, got
+        for _ in rids:
+            _, flags, msg, _ = c.recv()
+            assert not flags & proto.FLAG_ERROR, msg
+    assert_serving(d, tiny_expected)
+
+
+def test_pipelined_replies_past_the_high_water_mark(start_lunad):
+    """A client that pipelines more requests than 16 MiB of replies and only then reads:
+    lunad stops parsing at the mark and must go on once the replies drain, with nothing
+    more arriving on the socket. Every request gets its reply, in order."""
+    d = start_lunad()
+    s = d.raw(timeout=30)
+    s.sendall(proto.encode_frame(proto.MSG_STATUS, 0, 1, {}))
+    h, msg, _ = read_frame(s)
+    size = proto.HEADER_SIZE + len(json.dumps(msg))
+    n = (20 << 20) // size + 100
+    frames = b"".join(proto.encode_frame(proto.MSG_STATUS, 0, i + 2, {}) for i in range(n))
+    sender = threading.Thread(target=s.sendall, args=(frames,), daemon=True)
+    sender.start()
+    sender.join(60 * SLOW)
+    assert not sender.is_alive(), "lunad stopped reading pipelined requests"
+    for i in range(n):
+        h, msg, _ = read_frame(s)
+        assert h.request_id == i + 2 and not h.flags & proto.FLAG_ERROR, (i, h, msg)
+    s.close()
+
+
+def test_stop_skips_queued_preloads(start_lunad, fresh_models):
+    """SIGTERM does not wait for --preload loads still queued: they are skipped (a model
+    nobody will use), so lunad stops within --grace plus at most the load under way."""
+    names = ["p%02d.safetensors" % i for i in range(16)]
+    folder = fresh_models("slow.safetensors")
+    for n in names:
+        os.link(folder / "slow.safetensors", folder / n)
+    flags = ["--workers", "1", "--grace", "0.2", "--weight-dtype-f32", "--max-model-mem", "1"]
+    for n in names:
+        flags += ["--preload", n]
+    d = start_lunad(*flags, models=[folder])
+    d.signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    rc = d.wait(60)
+    took = time.monotonic() - t0
+    log = d.log()
+    loaded = len(re.findall(r"model p\d+\.safetensors ready", log))
+    skipped = len(re.findall(r"--preload p\d+\.safetensors skipped: lunad is stopping", log))
+    assert rc == 0, log[-3000:]
+    assert loaded + skipped == len(names) and skipped >= 1, (loaded, skipped, log[-3000:])
+    print("SIGTERM to exit: %.2f s, %d preloads loaded, %d skipped" % (took, loaded, skipped))
+
+
 def test_unload_while_in_use(start_lunad, daemon_models, tiny_expected):
     """unload of a model with requests running takes effect when they finish: they all
     get right answers, and the model is gone afterwards."""
