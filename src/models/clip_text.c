@@ -3,6 +3,7 @@
 #include "models/clip_text.h"
 
 #include "core/fp16.h"
+#include "core/owned.h"
 #include "core/status.h"
 
 #include <stdio.h>
@@ -85,8 +86,7 @@ struct clip_text {
   clip_layer *layers;
   float *lnf_w, *lnf_b;
   ops_mat proj;          /* Linear form [d_proj, D], when d_proj > 0 */
-  void **owned;          /* converted buffers */
-  size_t n_owned, cap_owned;
+  owned_list owned;      /* converted buffers */
   size_t weight_bytes;
 };
 
@@ -97,18 +97,6 @@ typedef struct loader {
   uint8_t *claimed;      /* per file tensor */
   char *err;
 } loader;
-
-static int own(clip_text *m, void *p) {
-  if (m->n_owned == m->cap_owned) {
-    size_t cap = m->cap_owned ? 2 * m->cap_owned : 64;
-    void **n = realloc(m->owned, cap * sizeof *n);
-    if (!n) return -1;
-    m->owned = n;
-    m->cap_owned = cap;
-  }
-  m->owned[m->n_owned++] = p;
-  return 0;
-}
 
 static void full_name(const loader *L, int role, int layer, char *out, size_t cap) {
   char rel[256];
@@ -169,7 +157,7 @@ static int load_vec(loader *L, int role, int layer, int64_t n, int64_t part, flo
   int rc = find_checked(L, name, 1, part >= 0 ? 3 * n : n, 0, &t);
   if (rc) return rc;
   float *v = malloc((size_t)n * sizeof(float));
-  if (!v || own(L->m, v)) { free(v); return luna_fail(L->err, LUNA_ENOMEM, "out of memory loading '%s'", name); }
+  if (!v || owned_add(&L->m->owned, v)) { free(v); return luna_fail(L->err, LUNA_ENOMEM, "out of memory loading '%s'", name); }
   read_rounded(t, part >= 0 ? part * n : 0, n, v);
   L->m->weight_bytes += (size_t)n * sizeof(float);
   *out = v;
@@ -194,7 +182,7 @@ static int load_mat(loader *L, const char *name, int64_t rows, int64_t cols, int
   size_t esz = m->wtype == OPS_W_F16 ? 2 : 4;
   void *buf = aligned_alloc(64, ((size_t)n * esz + 63) / 64 * 64);
   float *row = malloc((size_t)cols * sizeof(float));
-  if (!buf || !row || own(m, buf)) {
+  if (!buf || !row || owned_add(&m->owned, buf)) {
     free(buf);
     free(row);
     return luna_fail(L->err, LUNA_ENOMEM, "out of memory loading '%s'", name);
@@ -237,7 +225,7 @@ static int load_proj_transposed(loader *L, const char *name, int64_t D, ops_mat 
   size_t esz = m->wtype == OPS_W_F16 ? 2 : 4;
   float *all = malloc((size_t)(D * dout) * sizeof(float));
   void *buf = aligned_alloc(64, ((size_t)(D * dout) * esz + 63) / 64 * 64);
-  if (!all || !buf || own(m, buf)) {
+  if (!all || !buf || owned_add(&m->owned, buf)) {
     free(all);
     free(buf);
     return luna_fail(L->err, LUNA_ENOMEM, "out of memory loading '%s'", name);
@@ -339,7 +327,7 @@ int clip_text_load(const clip_source *src, ops_wtype wtype, clip_text **out, cha
   {
     const st_tensor *t;
     if ((rc = find_checked(&L, name, 2, CLIP_CTX, D, &t))) goto done;
-    if (!(m->pos = malloc((size_t)(CLIP_CTX * D) * sizeof(float))) || own(m, m->pos)) {
+    if (!(m->pos = malloc((size_t)(CLIP_CTX * D) * sizeof(float))) || owned_add(&m->owned, m->pos)) {
       rc = luna_fail(err, LUNA_ENOMEM, "out of memory");
       goto done;
     }
@@ -385,8 +373,7 @@ done:
 
 void clip_text_free(clip_text *m) {
   if (!m) return;
-  for (size_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
-  free(m->owned);
+  owned_free(&m->owned);
   free(m->layers);
   free(m);
 }

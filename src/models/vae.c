@@ -78,18 +78,6 @@ typedef struct walker {
   int rc;
 } walker;
 
-static int own(vae *m, void *p) {
-  if (m->n_owned == m->cap_owned) {
-    size_t cap = m->cap_owned ? 2 * m->cap_owned : 256;
-    void **n = realloc(m->owned, cap * sizeof *n);
-    if (!n) return -1;
-    m->owned = n;
-    m->cap_owned = cap;
-  }
-  m->owned[m->n_owned++] = p;
-  return 0;
-}
-
 static void shape_str(char *out, size_t cap, int nd, const int64_t *shape) {
   size_t o = 0;
   out[0] = 0;
@@ -134,7 +122,7 @@ static void tensor(walker *w, const char *base, const char *suffix, int nd, cons
   if (w->skip) return;
   int64_t n = st_numel(t);
   float *v = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
-  if (!v || own(w->m, v)) {
+  if (!v || owned_add(&w->m->owned, v)) {
     free(v);
     w->rc = luna_fail(w->err, LUNA_ENOMEM, "out of memory loading '%s'", name);
     return;
@@ -461,8 +449,7 @@ static int detect(const st_file *f, const char *P, const layout_names *nm, vae_h
 
 static void free_model(vae *m) {
   if (!m) return;
-  for (size_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
-  free(m->owned);
+  owned_free(&m->owned);
   free(m->enc.blocks);
   free(m->dec.blocks);
   free(m);

@@ -4,6 +4,7 @@
 #define LUNA_MODELS_VAE_IMPL_H
 
 #include "models/vae.h"
+#include "core/owned.h"
 
 #define VAE_MAX_LEVELS 8         /* len(ch_mult) at most (vae_hparams.ch_mult) */
 #define VAE_MAX_RES_BLOCKS 64
@@ -45,8 +46,7 @@ struct vae {
   int scale;                    /* pixels per latent cell each way: 2^(n_levels-1) */
   vae_half enc, dec;
   ops_conv quant, post_quant;   /* when hp.has_quant */
-  void **owned;                 /* the fp32 weights */
-  size_t n_owned, cap_owned;
+  owned_list owned;             /* the fp32 weights */
   size_t weight_bytes;
 };
 
