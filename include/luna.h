@@ -162,6 +162,28 @@ typedef struct luna_lora {
 #define LUNA_MAX_LORAS 16
 
 /*
+** Textual-inversion vectors for one text encoder (docs/PROTOCOL.md, "embeds" in
+** "6 encode"), as ComfyUI's tokenizer puts an "embedding:name" into the token list:
+**   data   n * width floats, row-major, all finite; row i is the input embedding of
+**          every token slot {"embed": i} (written in place of an id) of that encoder's
+**          chunks in luna_encode_args.tokens_json
+**   n      rows, 1 to LUNA_MAX_EMBED_ROWS; 0: none (then data and width are ignored).
+**          Every slot's i must be < n (lunad answers LUNA_ETOKENS naming the slot)
+**   width  floats per row, 1 to LUNA_MAX_EMBED_WIDTH: the encoder's width (CLIP-L 768,
+**          CLIP-G 1280 in real models; lunad answers LUNA_EINVAL for another)
+** The floats are sent as they are and used in fp32; rows no slot uses change nothing.
+*/
+typedef struct luna_embeds {
+  const float *data;
+  int n;
+  int width;
+} luna_embeds;
+
+/* The bounds of luna_embeds.n and .width. */
+#define LUNA_MAX_EMBED_ROWS 1000000
+#define LUNA_MAX_EMBED_WIDTH 65536
+
+/*
 ** An encode request (docs/PROTOCOL.md, "6 encode"). Zero-initialise it and fill in:
 **   models       1 to 4 paths relative to the daemon's models folders: a checkpoint, or
 **                a clip_l and a clip_g file
@@ -174,6 +196,9 @@ typedef struct luna_lora {
 **   no_cache     nonzero: bypass the daemon's result cache
 **   loras        the LoRA stack, in the order the LoRAs apply, or NULL
 **   n_loras      how many (0 to LUNA_MAX_LORAS)
+**   embeds_l     the vectors of the CLIP-L slots {"embed": i} in tokens_json["l"]
+**   embeds_g     the same for CLIP-G (tokens_json["g"]); an SD1 model ignores them.
+**                Only a tokens_json request may carry vectors (n > 0); zeroed: none
 */
 typedef struct luna_encode_args {
   const char *const *models;
@@ -185,6 +210,8 @@ typedef struct luna_encode_args {
   int no_cache;
   const luna_lora *loras;
   int n_loras;
+  luna_embeds embeds_l;
+  luna_embeds embeds_g;
 } luna_encode_args;
 
 /*
@@ -221,6 +248,11 @@ typedef struct luna_encode_result {
 ** those files (as luna_client_lora_upload) and sends the request again, at most 3
 ** times, then returns the last error. A file that cannot be read fails with
 ** LUNA_EIO, LUNA_EFORMAT, ... naming it.
+**
+** Vectors (embeds_l, embeds_g) travel in the request's binary part, l's rows first.
+** Before anything is sent, NULL data with n > 0, n or width out of range, a non-finite
+** value, or vectors with 'text' fail with LUNA_EINVAL naming the field (and the row
+** and column of a non-finite value).
 */
 LUNA_API int luna_client_encode(luna_client *c, const luna_encode_args *a, luna_encode_result *r);
 

@@ -476,19 +476,29 @@ int cmd_lora(const cmd_target *t, int argc, char **argv) {
 
 int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o) {
   char *tokens = NULL;
+  char err[LUNA_ERR_LEN] = "";
+  cmd_embeds ev = {0};
   if (o->tokens_file && read_text_file("encode", "tokens file", o->tokens_file, &tokens, NULL)) return 1;
+  if (o->embeds_file && cmd_embeds_load(o->embeds_file, &ev, err)) {
+    fprintf(stderr, "luna encode: %s\n", err);
+    free(tokens);
+    return 1;
+  }
   luna_client *c = NULL;
   int rc = cmd_connect(t, "encode", &c);
   if (rc) {
     free(tokens);
+    cmd_embeds_free(&ev);
     return rc;
   }
-  luna_encode_args a = {o->models, o->n_models, o->text, tokens, o->clip_layer, o->deadline_ms, o->no_cache,
-                        o->loras, o->n_loras};
+  luna_encode_args a = {.models = o->models, .n_models = o->n_models, .text = o->text, .tokens_json = tokens,
+                        .clip_layer = o->clip_layer, .deadline_ms = o->deadline_ms, .no_cache = o->no_cache,
+                        .loras = o->loras, .n_loras = o->n_loras,
+                        .embeds_l = {ev.data[0], ev.n[0], ev.width[0]},
+                        .embeds_g = {ev.data[1], ev.n[1], ev.width[1]}};
   luna_encode_result r = {0};
   double *times = NULL;
   char *lora_meta = NULL;
-  char err[LUNA_ERR_LEN] = "";
   int status = 1, hits = 0;
 
   double t0 = cmd_now_ms();
@@ -552,11 +562,19 @@ int cmd_encode_daemon(const cmd_target *t, const cmd_encode_opts *o) {
   status = 0;
   goto done;
 fail_client:
-  fprintf(stderr, "luna encode: %s\n", luna_client_errmsg(c));
+  if (o->tokens_file) {
+    char msg[2 * LUNA_ERR_LEN];
+    cmd_tokens_error(luna_client_errcode(c), luna_client_errmsg(c), o->tokens_file, o->embeds_file, 0, msg,
+                     sizeof msg);
+    fprintf(stderr, "luna encode: %s\n", msg);
+  } else {
+    fprintf(stderr, "luna encode: %s\n", luna_client_errmsg(c));
+  }
 done:
   free(times);
   free(lora_meta);
   free(tokens);
+  cmd_embeds_free(&ev);
   luna_encode_result_free(&r);
   luna_client_close(c);
   return status;

@@ -9,6 +9,7 @@
 #include "ops/ops.h"
 #include "text/tokenizer.h"
 
+#include <cJSON.h>
 #include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
@@ -24,11 +25,11 @@
 static void usage(FILE *f) {
   fprintf(f,
           "usage: luna [--socket PATH | --connect HOST:PORT --token-file F] encode\n"
-          "                   --model REL [--model REL2] (--text TEXT | --tokens FILE.json)\n"
+          "                   --model REL [--model REL2] (--text TEXT | --tokens FILE.json [--embeds E])\n"
           "                   [--clip-layer -N] [--lora FILE:STRENGTH ...] --out OUT.safetensors\n"
           "                   [--deadline-ms N] [--no-cache]\n"
           "       luna encode --local --model FILE [--model FILE2]\n"
-          "                   (--text TEXT --tokenizer DIR | --tokens FILE.json)\n"
+          "                   (--text TEXT --tokenizer DIR | --tokens FILE.json [--embeds E])\n"
           "                   [--clip-layer -N] [--lora FILE:STRENGTH ...] --out OUT.safetensors [options]\n"
           "\n"
           "Encodes a prompt exactly as ComfyUI's CLIPTextEncode does and writes 'cond'\n"
@@ -44,7 +45,13 @@ static void usage(FILE *f) {
           "  --tokenizer DIR     (--local) folder with vocab.json and merges.txt (ComfyUI's\n"
           "                      comfy/sd1_tokenizer)\n"
           "  --tokens FILE.json  token/weight chunks as ComfyUI's CLIP.tokenize() returns them:\n"
-          "                      {\"l\": [[[id, weight], ...77], ...], \"g\": [...]}\n"
+          "                      {\"l\": [[[id, weight], ...77], ...], \"g\": [...]}; a slot may be\n"
+          "                      [{\"embed\": i}, weight] instead: row i of --embeds' vectors\n"
+          "  --embeds E.safetensors\n"
+          "                      (with --tokens) textual-inversion vectors for the {\"embed\": i} slots:\n"
+          "                      tensors \"l\" (CLIP-L) and/or \"g\" (CLIP-G), each [n, width] in F32,\n"
+          "                      F16 or BF16 (read as F32); a slot takes row i of its encoder's\n"
+          "                      tensor as its input embedding (ComfyUI's \"embedding:name\")\n"
           "  --clip-layer -N     CLIPSetLastLayer(-N); default: the family's own layer\n"
           "  --lora FILE:STRENGTH\n"
           "                      apply a LoRA (or LyCORIS) file to the text encoders at STRENGTH,\n"
@@ -160,6 +167,85 @@ static int parse_lora(const char *arg, luna_lora *out) {
   return 0;
 }
 
+void cmd_embeds_free(cmd_embeds *e) {
+  free(e->data[0]);
+  free(e->data[1]);
+  memset(e, 0, sizeof *e);
+}
+
+int cmd_embeds_load(const char *path, cmd_embeds *e, char *err) {
+  memset(e, 0, sizeof *e);
+  st_file *f = NULL;
+  int rc = st_open(path, &f, err);
+  if (rc) return rc;
+  for (size_t i = 0; i < f->n_tensors; i++) {
+    const st_tensor *t = &f->tensors[i];
+    if (strcmp(t->name, "l") && strcmp(t->name, "g")) {
+      rc = luna_fail(err, LUNA_EUNEXPECTED, "%s: tensor \"%.64s\" is not an encoder's vectors; an --embeds file holds "
+                     "\"l\" (CLIP-L) and/or \"g\" (CLIP-G)", path, t->name);
+      goto out;
+    }
+  }
+  for (int k = 0; k < 2; k++) {
+    const char *name = k ? "g" : "l";
+    const st_tensor *t = st_find(f, name);
+    if (!t) continue;
+    if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16) {
+      rc = luna_fail(err, LUNA_EDTYPE, "%s: tensor \"%s\" is %s; the vectors are read from F32, F16 or BF16", path,
+                     name, st_dtype_name(t->dtype));
+      goto out;
+    }
+    if (t->n_dims != 2 || t->shape[0] < 1 || t->shape[0] > LUNA_MAX_EMBED_ROWS || t->shape[1] < 1 ||
+        t->shape[1] > LUNA_MAX_EMBED_WIDTH) {
+      char dims[96] = "";
+      size_t at = 0;
+      for (int d = 0; d < t->n_dims && at < sizeof dims; d++)
+        at += (size_t)snprintf(dims + at, sizeof dims - at, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+      rc = luna_fail(err, LUNA_ESHAPE, "%s: tensor \"%s\" is [%s]; it must be [n, width] with 1 to %d rows of 1 to "
+                     "%d values", path, name, dims, LUNA_MAX_EMBED_ROWS, LUNA_MAX_EMBED_WIDTH);
+      goto out;
+    }
+    int64_t numel = t->shape[0] * t->shape[1];
+    if (!(e->data[k] = malloc((size_t)numel * sizeof(float)))) {
+      rc = luna_fail(err, LUNA_ENOMEM, "%s: out of memory for tensor \"%s\"", path, name);
+      goto out;
+    }
+    char e2[LUNA_ERR_LEN];
+    if ((rc = st_read_f32(f, t, e->data[k], numel, e2))) {
+      luna_fail(err, rc, "%s: tensor \"%s\": %s", path, name, e2);
+      goto out;
+    }
+    e->n[k] = (int)t->shape[0];
+    e->width[k] = (int)t->shape[1];
+    for (int64_t j = 0; j < numel; j++)
+      if (!isfinite(e->data[k][j])) {
+        rc = luna_fail(err, LUNA_EINVAL, "%s: tensor \"%s\" row %lld column %lld is not finite (%g)", path, name,
+                       (long long)(j / t->shape[1]), (long long)(j % t->shape[1]), (double)e->data[k][j]);
+        goto out;
+      }
+  }
+  if (!e->data[0] && !e->data[1])
+    rc = luna_fail(err, LUNA_EMISSING, "%s: no tensor \"l\" or \"g\"; an --embeds file holds the CLIP-L and/or "
+                   "CLIP-G vectors as [n, width]", path);
+out:
+  st_close(f);
+  if (rc) cmd_embeds_free(e);
+  return rc;
+}
+
+void cmd_tokens_error(int rc, const char *msg, const char *tokens_file, const char *embeds_file, int always,
+                      char *out, size_t cap) {
+  int about = strstr(msg, "embed") != NULL;
+  int n = 0;
+  if (always || about)
+    n = embeds_file ? snprintf(out, cap, "%s with --embeds %s: %s", tokens_file, embeds_file, msg)
+                    : snprintf(out, cap, "%s: %s", tokens_file, msg);
+  else
+    n = snprintf(out, cap, "%s", msg);
+  if (n >= 0 && (size_t)n < cap && !embeds_file && rc == LUNA_ETOKENS && strstr(msg, "{\"embed\""))
+    snprintf(out + n, cap - (size_t)n, " (give the vectors of such slots with --embeds FILE)");
+}
+
 void cmd_print_conditioning(const float *cond, int64_t n_tokens, int64_t dim, const float *pooled,
                             int64_t pooled_dim, const char *out_path) {
   printf("cond   [1, %lld, %lld]:", (long long)n_tokens, (long long)dim);
@@ -190,10 +276,69 @@ static void note_unmapped(const lora_report *rep) {
   fprintf(stderr, "%s\n", rep->unmapped > rep->n_keys ? ", ..." : "");
 }
 
+/*
+** The tokens file 'path' and the --embeds vectors 'ev' (NULL: none; from the file
+** 'emb_path') read exactly as lunad reads the same request: the vectors become its
+** "embeds" description and binary part (l's rows, then g's, as the client library
+** sends them), and te_request_tokens parses both. 'err' names the files.
+*/
+static int local_tokens(const te_set *set, const char *path, const cmd_embeds *ev, const char *emb_path,
+                        tok_chunks *l, tok_chunks *g, tok_embeds emb[2], char *err) {
+  char *text = NULL, msg[LUNA_ERR_LEN] = "";
+  size_t len = 0;
+  int rc = tok_read_file(path, &text, &len, err);
+  if (rc) return rc;
+  cJSON *root = cJSON_ParseWithLength(text, len), *desc = NULL;
+  uint8_t *bin = NULL;
+  uint64_t bin_len = 0;
+  if (!cJSON_IsObject(root)) {
+    /* tok_json_parse says where the JSON breaks, or that it is no object */
+    tok_chunks none;
+    rc = tok_json_parse(text, len, "l", &none, msg);
+    tok_chunks_free(&none);
+    if (rc >= 0) rc = luna_fail(msg, LUNA_ETOKENS, "expected an object with \"l\" and/or \"g\" token chunks");
+    goto out;
+  }
+  if (ev) {
+    desc = cJSON_CreateObject();
+    bin_len = (uint64_t)ev->n[0] * (uint64_t)ev->width[0] * 4 + (uint64_t)ev->n[1] * (uint64_t)ev->width[1] * 4;
+    bin = malloc(bin_len ? (size_t)bin_len : 1);
+    if (!desc || !bin) {
+      rc = luna_fail(msg, LUNA_ENOMEM, "out of memory");
+      goto out;
+    }
+    uint64_t at = 0;
+    for (int k = 0; k < 2; k++) {
+      if (!ev->data[k]) continue;
+      uint64_t bytes = (uint64_t)ev->n[k] * (uint64_t)ev->width[k] * 4;
+      cJSON *e = cJSON_AddObjectToObject(desc, k ? "g" : "l");
+      cJSON *shape = e && cJSON_AddStringToObject(e, "dtype", "F32") ? cJSON_AddArrayToObject(e, "shape") : NULL;
+      cJSON *off = shape ? cJSON_AddArrayToObject(e, "data_offsets") : NULL;
+      if (!off || !cJSON_AddItemToArray(shape, cJSON_CreateNumber(ev->n[k])) ||
+          !cJSON_AddItemToArray(shape, cJSON_CreateNumber(ev->width[k])) ||
+          !cJSON_AddItemToArray(off, cJSON_CreateNumber((double)at)) ||
+          !cJSON_AddItemToArray(off, cJSON_CreateNumber((double)(at + bytes)))) {
+        rc = luna_fail(msg, LUNA_ENOMEM, "out of memory");
+        goto out;
+      }
+      memcpy(bin + at, ev->data[k], (size_t)bytes);
+      at += bytes;
+    }
+  }
+  rc = te_request_tokens(set, root, desc, bin, bin_len, l, g, emb, msg);
+out:
+  if (rc) cmd_tokens_error(rc, msg, path, emb_path, 1, err, LUNA_ERR_LEN);
+  cJSON_Delete(root);
+  cJSON_Delete(desc);
+  free(bin);
+  free(text);
+  return rc;
+}
+
 /* cmd_encode's work; 'loras' receives the --lora stack (the caller frees the paths). */
 static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora *loras, int *n_loras) {
   enum { O_LOCAL = 256, O_MODEL, O_TEXT, O_TOKENIZER, O_TOKENS, O_LAYER, O_OUT, O_BENCH, O_WDTYPE, O_THREADS,
-         O_SUMMARY, O_DEADLINE, O_NOCACHE, O_LORA };
+         O_SUMMARY, O_DEADLINE, O_NOCACHE, O_LORA, O_EMBEDS };
   static const struct option opts[] = {
       {"local", no_argument, 0, O_LOCAL},         {"model", required_argument, 0, O_MODEL},
       {"text", required_argument, 0, O_TEXT},      {"tokenizer", required_argument, 0, O_TOKENIZER},
@@ -202,8 +347,10 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
       {"weight-dtype", required_argument, 0, O_WDTYPE}, {"threads", required_argument, 0, O_THREADS},
       {"summary", no_argument, 0, O_SUMMARY},      {"deadline-ms", required_argument, 0, O_DEADLINE},
       {"no-cache", no_argument, 0, O_NOCACHE},     {"lora", required_argument, 0, O_LORA},
-      {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
+      {"embeds", required_argument, 0, O_EMBEDS},  {"help", no_argument, 0, 'h'},
+      {0, 0, 0, 0}};
   const char *models[MAX_MODELS], *text = NULL, *tokdir = NULL, *tokfile = NULL, *out_path = NULL;
+  const char *embfile = NULL;
   int n_models = 0, local = 0, summary = 0, no_cache = 0, wtype_set = 0;
   long clip_layer = 0, bench = 0, threads = 0, deadline_ms = 0;
   ops_wtype wtype = OPS_W_F16;
@@ -223,6 +370,7 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
     case O_TEXT: text = optarg; break;
     case O_TOKENIZER: tokdir = optarg; break;
     case O_TOKENS: tokfile = optarg; break;
+    case O_EMBEDS: embfile = optarg; break;
     case O_LAYER: if (parse_int(optarg, "--clip-layer", -1000, -1, &clip_layer)) return 2; break;
     case O_OUT: out_path = optarg; break;
     case O_BENCH: if (parse_int(optarg, "--bench", 0, 100000, &bench)) return 2; break;
@@ -261,6 +409,11 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
     fprintf(stderr, "luna encode: unexpected argument '%s'\n", argv[optind]);
     return 2;
   }
+  if (embfile && !tokfile) {
+    fprintf(stderr, "luna encode: --embeds needs --tokens (whose {\"embed\": i} slots take its vectors); "
+                    "it does not go with --text\n");
+    return 2;
+  }
   if (!local) {
     if (tokdir || wtype_set || threads) {
       fprintf(stderr, "luna encode: --tokenizer, --weight-dtype and --threads apply to --local only "
@@ -273,7 +426,7 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
       return 2;
     }
     cmd_encode_opts o = {models, n_models, text, tokfile, out_path, (int)clip_layer, bench,
-                         summary, (int)deadline_ms, no_cache, loras, *n_loras};
+                         summary, (int)deadline_ms, no_cache, loras, *n_loras, embfile};
     return cmd_encode_daemon(target, &o);
   }
   if (deadline_ms || no_cache) {
@@ -295,6 +448,9 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
   te_set *set = NULL;
   ops_pool *pool = NULL;
   tok_chunks tl = {0}, tg = {0};
+  cmd_embeds ev = {0};
+  tok_embeds emb[2] = {{0}, {0}};
+  te_embeds tev[2];
   tok_vocab *vocab = NULL;
   te_output o = {0};
   double *times = NULL;
@@ -305,19 +461,14 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
   memset(&lrep, 0, sizeof lrep);
   char *lora_meta = NULL;
 
+  if (embfile && cmd_embeds_load(embfile, &ev, err)) goto fail;
   double t0 = cmd_now_ms();
   if (te_set_load(models, n_models, wtype, &set, err)) goto fail;
   double load_ms = cmd_now_ms() - t0, rss_load = rss_mib();
   te_family fam = te_set_family(set);
 
   if (tokfile) {
-    if (tok_json_parse_file(tokfile, "l", &tl, err)) goto fail;
-    if (fam == TE_SDXL) {
-      int r = tok_json_parse_file(tokfile, "g", &tg, err);
-      if (r == LUNA_EMISSING && !err[0])
-        snprintf(err, sizeof err, "%s: no \"g\" tokens; an SDXL model needs both \"l\" and \"g\"", tokfile);
-      if (r) goto fail;
-    }
+    if (local_tokens(set, tokfile, embfile ? &ev : NULL, embfile, &tl, &tg, emb, err)) goto fail;
   } else {
     if (tok_vocab_load(tokdir, &vocab, err) || tok_tokenize(vocab, text, TOK_PAD_L, &tl, err)) goto fail;
     if (fam == TE_SDXL && tok_tokenize(vocab, text, TOK_PAD_G, &tg, err)) goto fail;
@@ -347,11 +498,13 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
       goto fail;
     }
   }
-  const te_request req = {.l = &tl, .g = gp, .clip_layer = (int)clip_layer, .plan = plan};
+  /* the request lunad builds for the same tokens and vectors (dispatch.c) */
+  const te_request req = {.l = &tl, .g = gp, .clip_layer = (int)clip_layer, .plan = plan,
+                          .emb_l = te_embeds_view(&emb[0], &tev[0]),
+                          .emb_g = fam == TE_SDXL ? te_embeds_view(&emb[1], &tev[1]) : NULL};
 
   double t1 = cmd_now_ms();
-  if (plan ? te_set_encode_batch(set, pool, &req, 1, &o, err) : te_set_encode(set, pool, &tl, gp, (int)clip_layer, &o, err))
-    goto fail;
+  if (te_set_encode_batch(set, pool, &req, 1, &o, err)) goto fail;
   double first_ms = cmd_now_ms() - t1;
 
   if (cmd_write_conditioning(out_path, o.cond, o.n_tokens, o.dim, o.pooled, o.pooled_dim, te_family_name(fam),
@@ -364,9 +517,7 @@ static int encode_run(const cmd_target *target, int argc, char **argv, luna_lora
     for (long i = 0; i < bench; i++) {
       te_output r;
       double s = cmd_now_ms();
-      if (plan ? te_set_encode_batch(set, pool, &req, 1, &r, err)
-               : te_set_encode(set, pool, &tl, gp, (int)clip_layer, &r, err))
-        goto fail;
+      if (te_set_encode_batch(set, pool, &req, 1, &r, err)) goto fail;
       times[i] = cmd_now_ms() - s;
       te_output_free(&r);
     }
@@ -396,6 +547,9 @@ fail:
   te_output_free(&o);
   tok_chunks_free(&tl);
   tok_chunks_free(&tg);
+  tok_embeds_free(&emb[0]);
+  tok_embeds_free(&emb[1]);
+  cmd_embeds_free(&ev);
   tok_vocab_free(vocab);
   ops_pool_free(pool);
   if (plan) lora_plan_free(plan);

@@ -42,6 +42,29 @@ int cmd_models(const cmd_target *t, int argc, char **argv);
 /* luna lora id|upload|list|evict|pin|unpin */
 int cmd_lora(const cmd_target *t, int argc, char **argv);
 
+/*
+** The vectors of an --embeds file (cmd_encode.c): its tensors "l" and "g" (textual
+** inversion rows for the CLIP-L and CLIP-G slots {"embed": i} of a tokens file), each
+** [n, width] in F32, F16 or BF16, read as F32 (exactly). 'data[k]' is NULL when the
+** file has no such tensor. cmd_embeds_load fails naming the file and the tensor: no
+** "l" nor "g", another tensor, another dtype, not [n, width] with 1 to
+** LUNA_MAX_EMBED_ROWS rows and 1 to LUNA_MAX_EMBED_WIDTH columns, a value not finite.
+*/
+typedef struct cmd_embeds {
+  float *data[2]; /* [0] "l", [1] "g" */
+  int n[2], width[2];
+} cmd_embeds;
+int cmd_embeds_load(const char *path, cmd_embeds *e, char *err);
+void cmd_embeds_free(cmd_embeds *e);
+
+/* cmd_tokens_error writes into 'out' the message 'msg' (status 'rc', from reading the
+** tokens or from lunad) about the tokens file 'tokens_file' and the --embeds file
+** 'embeds_file' (NULL: none): prefixed with the files' names when 'always' is set or
+** 'msg' is about embeddings, followed by what to do when the tokens have {"embed": i}
+** slots but no --embeds file was given. */
+void cmd_tokens_error(int rc, const char *msg, const char *tokens_file, const char *embeds_file, int always,
+                      char *out, size_t cap);
+
 /* An encode as 'luna encode' parsed it, for the daemon path (cmd_client.c). */
 typedef struct cmd_encode_opts {
   const char *const *models;
@@ -56,6 +79,7 @@ typedef struct cmd_encode_opts {
   int no_cache;
   const luna_lora *loras; /* the --lora stack, in order; daemon_path NULL */
   int n_loras;
+  const char *embeds_file; /* --embeds FILE (with tokens_file only), or NULL */
 } cmd_encode_opts;
 
 /* cmd_encode_daemon runs 'o' through lunad and writes the same file as --local. */

@@ -308,9 +308,9 @@ static int read_reply(luna_client *c, uint16_t type, uint64_t id, luna_progress_
 
 /*
 ** Send 'msg' (NULL: {}) as a request of 'type', with 'bin_len' bytes at 'bin' as its
-** binary part (sent as they are: 'msg' describes them in "tensors" or not at all), and
-** read its reply into 'r', progress frames before it going to 'progress'. On success
-** the caller frees 'r' with reply_free and calls set_ok itself.
+** binary part (sent as they are: 'msg' describes them in "tensors" or "embeds", or not
+** at all), and read its reply into 'r', progress frames before it going to 'progress'.
+** On success the caller frees 'r' with reply_free and calls set_ok itself.
 */
 static int exchange_full(luna_client *c, uint16_t type, const cJSON *msg, const uint8_t *bin, size_t bin_len,
                          luna_progress_fn progress, void *ud, reply *r) {
@@ -533,6 +533,45 @@ int luna_client_call_json(luna_client *c, int type, const char *json, char **rep
   return 0;
 }
 
+/* Check the vectors 'e' of the field 'name' (embeds_l or embeds_g) before sending. */
+static int check_embeds(luna_client *c, const luna_encode_args *a, const luna_embeds *e, const char *name) {
+  if (!e->n) return 0;
+  if (e->n < 0 || e->n > LUNA_MAX_EMBED_ROWS)
+    return set_err(c, LUNA_EINVAL, "encode: %s.n is %d; give 1 to %d rows (0: none)", name, e->n, LUNA_MAX_EMBED_ROWS);
+  if (!e->data) return set_err(c, LUNA_EINVAL, "encode: %s.data is NULL with %s.n = %d", name, name, e->n);
+  if (e->width < 1 || e->width > LUNA_MAX_EMBED_WIDTH)
+    return set_err(c, LUNA_EINVAL, "encode: %s.width is %d; give 1 to %d floats per row", name, e->width,
+                   LUNA_MAX_EMBED_WIDTH);
+  if (!a->tokens_json)
+    return set_err(c, LUNA_EINVAL, "encode: %s goes with tokens_json (slots {\"embed\": i}), not with text", name);
+  size_t total = (size_t)e->n * (size_t)e->width;
+  for (size_t i = 0; i < total; i++)
+    if (!isfinite(e->data[i]))
+      return set_err(c, LUNA_EINVAL, "encode: %s row %zu column %zu is not finite (%g)", name, i / (size_t)e->width,
+                     i % (size_t)e->width, (double)e->data[i]);
+  return 0;
+}
+
+/* Describe the vectors 'e' as "embeds".'key' of 'm' at bytes [begin, begin + their size) of
+** the binary part; returns the end, or 0 when out of memory. */
+static uint64_t add_embeds_desc(cJSON *m, const char *key, const luna_embeds *e, uint64_t begin) {
+  uint64_t end = begin + (uint64_t)e->n * (uint64_t)e->width * sizeof(float);
+  cJSON *all = cJSON_GetObjectItemCaseSensitive(m, "embeds");
+  if (!all) all = cJSON_AddObjectToObject(m, "embeds");
+  cJSON *d = all ? cJSON_AddObjectToObject(all, key) : NULL;
+  cJSON *shape = d && cJSON_AddStringToObject(d, "dtype", "F32") ? cJSON_AddArrayToObject(d, "shape") : NULL;
+  cJSON *off = shape ? cJSON_AddArrayToObject(d, "data_offsets") : NULL;
+  double v[4] = {e->n, e->width, (double)begin, (double)end};
+  for (int i = 0; off && i < 4; i++) {
+    cJSON *x = cJSON_CreateNumber(v[i]);
+    if (!x || !cJSON_AddItemToArray(i < 2 ? shape : off, x)) {
+      cJSON_Delete(x);
+      return 0;
+    }
+  }
+  return off ? end : 0;
+}
+
 /* Build the encode request's JSON from 'a', or fail naming the bad field. */
 static int encode_msg(luna_client *c, const luna_encode_args *a, cJSON **out) {
   *out = NULL;
@@ -556,6 +595,9 @@ static int encode_msg(luna_client *c, const luna_encode_args *a, cJSON **out) {
     if (l->daemon_path && !l->daemon_path[0])
       return set_err(c, LUNA_EINVAL, "encode: loras[%d] (%s): daemon_path is empty (NULL for none)", i, l->path);
   }
+  int rc_e = check_embeds(c, a, &a->embeds_l, "embeds_l");
+  if (!rc_e) rc_e = check_embeds(c, a, &a->embeds_g, "embeds_g");
+  if (rc_e) return rc_e;
 
   cJSON *m = cJSON_CreateObject(), *tokens = NULL;
   if (!m) goto oom;
@@ -592,6 +634,10 @@ static int encode_msg(luna_client *c, const luna_encode_args *a, cJSON **out) {
   if (a->clip_layer && !cJSON_AddNumberToObject(m, "clip_layer", a->clip_layer)) goto oom;
   if (a->deadline_ms && !cJSON_AddNumberToObject(m, "deadline_ms", a->deadline_ms)) goto oom;
   if (a->no_cache && !cJSON_AddBoolToObject(m, "cache", 0)) goto oom;
+  /* the binary part: l's rows, then g's (embeds_bin) */
+  uint64_t at = 0;
+  if (a->embeds_l.n && !(at = add_embeds_desc(m, "l", &a->embeds_l, at))) goto oom;
+  if (a->embeds_g.n && !add_embeds_desc(m, "g", &a->embeds_g, at)) goto oom;
   *out = m;
   return 0;
 oom:
@@ -813,6 +859,28 @@ static int take_f32(luna_client *c, const reply *r, const char *name, int n_dims
   return 0;
 }
 
+/*
+** The binary part of an encode with vectors, as encode_msg described it: one
+** encoder's floats in place, or a copy holding l's then g's ('*owned', to free).
+** Floats go as they are in memory: little-endian on every machine luna builds for.
+*/
+static int embeds_bin(luna_client *c, const luna_encode_args *a, const uint8_t **bin, size_t *len, uint8_t **owned) {
+  size_t nl = a->embeds_l.n ? (size_t)a->embeds_l.n * (size_t)a->embeds_l.width * sizeof(float) : 0;
+  size_t ng = a->embeds_g.n ? (size_t)a->embeds_g.n * (size_t)a->embeds_g.width * sizeof(float) : 0;
+  *owned = NULL;
+  *len = nl + ng;
+  if (!nl || !ng) {
+    *bin = (const uint8_t *)(nl ? a->embeds_l.data : ng ? a->embeds_g.data : NULL);
+    return 0;
+  }
+  if (!(*owned = malloc(nl + ng)))
+    return set_err(c, LUNA_ENOMEM, "encode: out of memory for the %zu bytes of embeds_l and embeds_g", nl + ng);
+  memcpy(*owned, a->embeds_l.data, nl);
+  memcpy(*owned + nl, a->embeds_g.data, ng);
+  *bin = *owned;
+  return 0;
+}
+
 int luna_client_encode(luna_client *c, const luna_encode_args *a, luna_encode_result *r) {
   if (r) memset(r, 0, sizeof *r);
   if (!c) return LUNA_EINVAL;
@@ -821,13 +889,16 @@ int luna_client_encode(luna_client *c, const luna_encode_args *a, luna_encode_re
   int rc = encode_msg(c, a, &m);
   if (rc) return rc;
   char ids[LUNA_MAX_LORAS][LORA_ID_HEX];
-  if (a->n_loras && (rc = add_loras(c, a, m, ids))) {
+  const uint8_t *bin = NULL;
+  uint8_t *bin_owned = NULL;
+  size_t bin_len = 0;
+  if ((a->n_loras && (rc = add_loras(c, a, m, ids))) || (rc = embeds_bin(c, a, &bin, &bin_len, &bin_owned))) {
     cJSON_Delete(m);
     return rc;
   }
   reply rep;
   for (int round = 0;; round++) {
-    rc = exchange(c, LUNA_MSG_ENCODE, m, &rep);
+    rc = exchange_bin(c, LUNA_MSG_ENCODE, m, bin, bin_len, &rep);
     if (rc != LUNA_ENOLORA || !a->n_loras) break;
     if (round == LORA_ROUNDS) {
       size_t len = strlen(c->errmsg);
@@ -837,6 +908,7 @@ int luna_client_encode(luna_client *c, const luna_encode_args *a, luna_encode_re
     if ((rc = upload_missing(c, a, ids))) break;
   }
   cJSON_Delete(m);
+  free(bin_owned);
   if (rc) return rc;
 
   const cJSON *fam = cJSON_GetObjectItemCaseSensitive(rep.msg, "family");

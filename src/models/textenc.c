@@ -393,3 +393,36 @@ int te_set_encode(const te_set *s, ops_pool *pool, const tok_chunks *l, const to
   te_request r = {.l = l, .g = s->family == TE_SDXL ? g : NULL, .clip_layer = clip_layer};
   return te_set_encode_batch(s, pool, &r, 1, out, err);
 }
+
+/* Each matrix must be as wide as the set's encoder it is for (a set without that
+** encoder ignores it, as it ignores those tokens): the error names the encoder and the
+** first slot that would have used it. */
+static int embeds_width(const te_set *set, const tok_embeds emb[2], char *err) {
+  for (int k = 0; k < 2; k++) {
+    const clip_text *enc = te_set_encoder(set, (clip_kind)k);
+    if (!emb[k].rows || !enc || emb[k].dim == clip_text_hparams(enc)->d_model) continue;
+    const char *key = k ? "g" : "l";
+    char where[80] = "no slot uses it";
+    if (emb[k].n)
+      snprintf(where, sizeof where, "first used at \"%s\" chunk %d slot %d", key, emb[k].slot[0] / TOK_CHUNK,
+               emb[k].slot[0] % TOK_CHUNK);
+    return luna_fail(err, LUNA_EINVAL, "\"embeds\".\"%s\" is %lld wide but this model's CLIP-%s encoder is %d wide "
+                     "(%s)", key, (long long)emb[k].dim, k ? "G" : "L", clip_text_hparams(enc)->d_model, where);
+  }
+  return 0;
+}
+
+int te_request_tokens(const te_set *s, const struct cJSON *tokens, const struct cJSON *embeds, const uint8_t *bin,
+                      uint64_t bin_len, tok_chunks *l, tok_chunks *g, tok_embeds emb[2], char *err) {
+  int rc = tok_embeds_parse(embeds, bin, bin_len, emb, err);
+  if (!rc) rc = tok_json_parse_slots(tokens, "l", l, &emb[0], err);
+  if (!rc && s->family == TE_SDXL) rc = tok_json_parse_slots(tokens, "g", g, &emb[1], err);
+  if (!rc) rc = embeds_width(s, emb, err);
+  return rc;
+}
+
+const te_embeds *te_embeds_view(const tok_embeds *e, te_embeds *te) {
+  if (!e->n) return NULL;
+  *te = (te_embeds){e->n, e->slot, e->row, e->rows, e->n_rows, e->dim};
+  return te;
+}

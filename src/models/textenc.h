@@ -78,4 +78,22 @@ typedef struct te_request {
 int te_set_encode_batch(const te_set *s, ops_pool *pool, const te_request *req, int n,
                         te_output *out, char *err);
 
+/*
+** te_request_tokens reads the tokens of an encode request for the set 's' as lunad
+** does (docs/PROTOCOL.md, 6 encode), so that `luna encode --local` builds the same
+** request: the "embeds" matrices ('embeds', NULL or null: none; their bytes in 'bin')
+** into emb[0] (l) and emb[1] (g) with tok_embeds_parse, the "l" chunks of 'tokens'
+** (and "g" for SDXL) with their {"embed": i} slots (tok_json_parse_slots), then the
+** width of each matrix against the encoder it is for (a matrix for an encoder the set
+** lacks is ignored). Errors name the field, encoder, chunk and slot. The caller frees
+** 'l', 'g' and 'emb' (tok_chunks_free, tok_embeds_free) whatever the result; all must
+** be zeroed before the call.
+*/
+int te_request_tokens(const te_set *s, const struct cJSON *tokens, const struct cJSON *embeds, const uint8_t *bin,
+                      uint64_t bin_len, tok_chunks *l, tok_chunks *g, tok_embeds emb[2], char *err);
+
+/* te_embeds_view fills 'te' with the encoder's view of 'e' and returns it, or returns
+** NULL when no slot uses a vector (te_request.emb_l / emb_g). */
+const te_embeds *te_embeds_view(const tok_embeds *e, te_embeds *te);
+
 #endif

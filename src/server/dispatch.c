@@ -236,31 +236,6 @@ static void run_models(job *j) {
   reply_json(j, o, NULL, 0);
 }
 
-/* Each matrix must be as wide as the model's encoder it is for (a model without that
-** encoder ignores it, as it ignores those tokens): the error names the encoder and the
-** first slot that would have used it. */
-static int embeds_width(const te_set *set, const tok_embeds emb[2], char *err) {
-  for (int k = 0; k < 2; k++) {
-    const clip_text *enc = te_set_encoder(set, (clip_kind)k);
-    if (!emb[k].rows || !enc || emb[k].dim == clip_text_hparams(enc)->d_model) continue;
-    const char *key = k ? "g" : "l";
-    char where[80] = "no slot uses it";
-    if (emb[k].n)
-      snprintf(where, sizeof where, "first used at \"%s\" chunk %d slot %d", key, emb[k].slot[0] / TOK_CHUNK,
-               emb[k].slot[0] % TOK_CHUNK);
-    return luna_fail(err, LUNA_EINVAL, "\"embeds\".\"%s\" is %lld wide but this model's CLIP-%s encoder is %d wide "
-                     "(%s)", key, (long long)emb[k].dim, k ? "G" : "L", clip_text_hparams(enc)->d_model, where);
-  }
-  return 0;
-}
-
-/* The encoder's view of 'e' in 'te' (NULL when no slot uses a vector). */
-static const te_embeds *embeds_view(const tok_embeds *e, te_embeds *te) {
-  if (!e->n) return NULL;
-  *te = (te_embeds){e->n, e->slot, e->row, e->rows, e->n_rows, e->dim};
-  return te;
-}
-
 /* A parsed encode request. */
 typedef struct enc_req {
   job *j;
@@ -405,10 +380,8 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
     char e2[LUNA_ERR_LEN] = "";
     int r = encode_fields(j, &tokens, &text, &rq[i].clip_layer, e2);
     if (!r && tokens) {
-      r = tok_embeds_parse(cJSON_GetObjectItemCaseSensitive(j->msg, "embeds"), j->bin, j->bin_len, rq[i].emb, e2);
-      if (!r) r = tok_json_parse_slots(tokens, "l", &rq[i].l, &rq[i].emb[0], e2);
-      if (!r && fam == TE_SDXL) r = tok_json_parse_slots(tokens, "g", &rq[i].g, &rq[i].emb[1], e2);
-      if (!r) r = embeds_width(model_set(m), rq[i].emb, e2);
+      r = te_request_tokens(model_set(m), tokens, cJSON_GetObjectItemCaseSensitive(j->msg, "embeds"), j->bin,
+                            j->bin_len, &rq[i].l, &rq[i].g, rq[i].emb, e2);
     } else if (!r) {
       r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_L, &rq[i].l, e2);
       if (!r && fam == TE_SDXL) r = tok_tokenize(srv.vocab, text->valuestring, TOK_PAD_G, &rq[i].g, e2);
@@ -437,7 +410,8 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
       char *mk = NULL;
       if (asprintf(&mk, "%s|lora:%s", model_key(m), rq[i].st.key) >= 0) {
         rq[i].key = rcache_key(mk, rq[i].clip_layer, &rq[i].l, fam == TE_SDXL ? &rq[i].g : NULL,
-                               embeds_view(&rq[i].emb[0], &rq[i].te[0]), embeds_view(&rq[i].emb[1], &rq[i].te[1]), &rq[i].key_len);
+                               te_embeds_view(&rq[i].emb[0], &rq[i].te[0]),
+                               te_embeds_view(&rq[i].emb[1], &rq[i].te[1]), &rq[i].key_len);
         free(mk);
       }
     }
@@ -461,8 +435,8 @@ static void run_encode_batch(job **jobs, int n, ops_pool *pool) {
         tr[k] = (te_request){.l = &rq[i].l,
                              .g = fam == TE_SDXL ? &rq[i].g : NULL,
                              .clip_layer = rq[i].clip_layer,
-                             .emb_l = embeds_view(&rq[i].emb[0], &rq[i].te[0]),
-                             .emb_g = fam == TE_SDXL ? embeds_view(&rq[i].emb[1], &rq[i].te[1]) : NULL};
+                             .emb_l = te_embeds_view(&rq[i].emb[0], &rq[i].te[0]),
+                             .emb_g = fam == TE_SDXL ? te_embeds_view(&rq[i].emb[1], &rq[i].te[1]) : NULL};
         st[k] = rq[i].st; /* a view: rq keeps ownership */
         who[k++] = &rq[i];
       }

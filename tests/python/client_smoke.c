@@ -36,7 +36,8 @@ int main(int argc, char **argv) {
   printf("bad-json %d %s null=%d\n", rc, luna_status_name(luna_client_errcode(c)), reply == NULL);
 
   const char *models[] = {"demo.safetensors"};
-  luna_encode_args a = {models, 1, NULL, TOKENS, -2, 500, 1, NULL, 0};
+  luna_encode_args a = {.models = models, .n_models = 1, .tokens_json = TOKENS, .clip_layer = -2, .deadline_ms = 500,
+                        .no_cache = 1};
   luna_encode_result r;
   rc = luna_client_encode(c, &a, &r);
   printf("encode %d family=%s cached=%d cond=[%lld,%lld,%lld] pooled=[%lld,%lld] first=%.9g last=%.9g p0=%.9g\n", rc,
@@ -46,12 +47,12 @@ int main(int argc, char **argv) {
   luna_encode_result_free(&r);
 
   const char *missing[] = {"missing.safetensors"};
-  luna_encode_args b = {missing, 1, "a cat", NULL, 0, 0, 0, NULL, 0};
+  luna_encode_args b = {.models = missing, .n_models = 1, .text = "a cat"};
   rc = luna_client_encode(c, &b, &r);
   printf("missing %d %d '%s' cond_null=%d\n", rc, luna_client_errcode(c), luna_client_errmsg(c), r.cond == NULL);
   luna_encode_result_free(&r);
 
-  luna_encode_args both = {models, 1, "a cat", TOKENS, 0, 0, 0, NULL, 0};
+  luna_encode_args both = {.models = models, .n_models = 1, .text = "a cat", .tokens_json = TOKENS};
   rc = luna_client_encode(c, &both, &r);
   printf("both %d\n", rc);
 

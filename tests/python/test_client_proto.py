@@ -10,7 +10,6 @@
   (client_smoke.c) built against libluna.a and libluna.so from include/luna.h alone.
 """
 
-import ctypes
 import json
 import os
 import re
@@ -503,30 +502,24 @@ def test_cli_timeout(fake, run_luna, tmp_path):
         assert r.returncode == 2 and "--local" in r.stderr and "--socket" in r.stderr, (cmd, r.stderr)
 
 
-def test_c_library_timeout(fake):
-    """luna_client_set_timeout: ETIMEDOUT from a silent lunad, the handle closed after it."""
-    so = build_dir() / "libluna.so"
-    if not so.exists():
-        pytest.skip("no libluna.so")
-    lib = ctypes.CDLL(str(so))
-    lib.luna_client_errmsg.restype = ctypes.c_char_p
+@pytest.mark.parametrize("kind", ["static", "shared"])
+def test_c_library_timeout(fake, tmp_path, kind):
+    """luna_client_set_timeout: ETIMEDOUT from a silent lunad, soon, and the handle
+    closed after it (the stream lost its place)."""
+    exe = build_c_program(Path(__file__).with_name("client_timeout.c"), tmp_path / ("timeout-" + kind), kind)
     silent = fake(mode="silent")
-    c = ctypes.c_void_p()
-    assert lib.luna_client_connect_unix(silent.path.encode(), ctypes.byref(c)) == 0
-    try:
-        assert lib.luna_client_set_timeout(c, -1) == proto.EINVAL
-        assert b"-1 ms" in lib.luna_client_errmsg(c)
-        assert lib.luna_client_set_timeout(c, 250) == 0 and lib.luna_client_errmsg(c) == b""
-        t0 = time.monotonic()
-        assert lib.luna_client_ping(c) == proto.ETIMEDOUT
-        assert time.monotonic() - t0 < 20
-        msg = lib.luna_client_errmsg(c).decode()
-        assert msg.startswith("ETIMEDOUT: unix:") and "250 ms" in msg and "header" in msg, msg
-        assert lib.luna_client_ping(c) == proto.ECONN        # the stream lost its place: closed
-        assert lib.luna_client_set_timeout(c, 100) == proto.ECONN
-    finally:
-        lib.luna_client_close(c)
-    assert lib.luna_client_set_timeout(None, 100) == proto.EINVAL
+    r = subprocess.run([str(exe), silent.path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines["connect"] == "0 "
+    assert lines["negative"].startswith("-1 EINVAL: ") and "-1 ms" in lines["negative"]
+    assert lines["set"] == "0 "
+    assert lines["ping"].startswith("-19 ETIMEDOUT: unix:") and "250 ms" in lines["ping"] and "header" in lines["ping"]
+    assert 0.2 <= float(lines["seconds"]) < 20, lines["seconds"]
+    assert lines["again"].startswith("-23 ECONN"), lines["again"]
+    assert lines["closed"].startswith("-23 ECONN"), lines["closed"]
+    assert lines["null"] == "-1"
+    assert len(silent.requests) == 1
 
 
 def test_python_timeout(fake):
