@@ -51,7 +51,9 @@ static void usage(FILE *f) {
           "                      (with --tokens) textual-inversion vectors for the {\"embed\": i} slots:\n"
           "                      tensors \"l\" (CLIP-L) and/or \"g\" (CLIP-G), each [n, width] in F32,\n"
           "                      F16 or BF16 (read as F32); a slot takes row i of its encoder's\n"
-          "                      tensor as its input embedding (ComfyUI's \"embedding:name\")\n"
+          "                      tensor as its input embedding (ComfyUI's \"embedding:name\").\n"
+          "                      ComfyUI's embedding files work as they are: \"clip_l\" and\n"
+          "                      \"emb_params\" are read as \"l\", \"clip_g\" as \"g\"\n"
           "  --clip-layer -N     CLIPSetLastLayer(-N); default: the family's own layer\n"
           "  --lora FILE:STRENGTH\n"
           "                      apply a LoRA (or LyCORIS) file to the text encoders at STRENGTH,\n"
@@ -178,18 +180,32 @@ int cmd_embeds_load(const char *path, cmd_embeds *e, char *err) {
   st_file *f = NULL;
   int rc = st_open(path, &f, err);
   if (rc) return rc;
+  /* each encoder's tensor: our own name, or what ComfyUI's embedding files use */
+  static const char *const names[2][3] = {{"l", "clip_l", "emb_params"}, {"g", "clip_g", NULL}};
+  const st_tensor *found[2] = {NULL, NULL};
   for (size_t i = 0; i < f->n_tensors; i++) {
     const st_tensor *t = &f->tensors[i];
-    if (strcmp(t->name, "l") && strcmp(t->name, "g")) {
+    int k = -1;
+    for (int a = 0; a < 2 && k < 0; a++)
+      for (int b = 0; b < 3 && names[a][b]; b++)
+        if (!strcmp(t->name, names[a][b])) k = a;
+    if (k < 0) {
       rc = luna_fail(err, LUNA_EUNEXPECTED, "%s: tensor \"%.64s\" is not an encoder's vectors; an --embeds file holds "
-                     "\"l\" (CLIP-L) and/or \"g\" (CLIP-G)", path, t->name);
+                     "\"l\" (or \"clip_l\", \"emb_params\": CLIP-L) and/or \"g\" (or \"clip_g\": CLIP-G)", path,
+                     t->name);
       goto out;
     }
+    if (found[k]) {
+      rc = luna_fail(err, LUNA_EUNEXPECTED, "%s: tensors \"%s\" and \"%s\" both hold CLIP-%c vectors; keep one", path,
+                     found[k]->name, t->name, k ? 'G' : 'L');
+      goto out;
+    }
+    found[k] = t;
   }
   for (int k = 0; k < 2; k++) {
-    const char *name = k ? "g" : "l";
-    const st_tensor *t = st_find(f, name);
+    const st_tensor *t = found[k];
     if (!t) continue;
+    const char *name = t->name;
     if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16) {
       rc = luna_fail(err, LUNA_EDTYPE, "%s: tensor \"%s\" is %s; the vectors are read from F32, F16 or BF16", path,
                      name, st_dtype_name(t->dtype));
@@ -225,8 +241,8 @@ int cmd_embeds_load(const char *path, cmd_embeds *e, char *err) {
       }
   }
   if (!e->data[0] && !e->data[1])
-    rc = luna_fail(err, LUNA_EMISSING, "%s: no tensor \"l\" or \"g\"; an --embeds file holds the CLIP-L and/or "
-                   "CLIP-G vectors as [n, width]", path);
+    rc = luna_fail(err, LUNA_EMISSING, "%s: no tensor \"l\" or \"g\" (nor \"clip_l\", \"emb_params\", \"clip_g\"); an "
+                   "--embeds file holds the CLIP-L and/or CLIP-G vectors as [n, width]", path);
 out:
   st_close(f);
   if (rc) cmd_embeds_free(e);

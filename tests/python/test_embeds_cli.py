@@ -155,6 +155,22 @@ def test_cli_embeds_unused_and_sd1_ignores_g(start_lunad, daemon_models, refs, r
     assert with_file[0] == with_file[1] == raw_tensors(o)
 
 
+def test_cli_embeds_comfyui_tensor_names(start_lunad, daemon_models, refs, run_luna, tmp_path):
+    """ComfyUI's embedding files name the vectors "clip_l" / "clip_g" (SDXL) or
+    "emb_params" (SD1): --embeds reads them as "l" / "g", with the same result."""
+    d = start_lunad()
+    tok, mats, _ = case(refs["sdxl"], "sdxl", seed=9)
+    t, e = write_case(tmp_path, tok, mats, "ours")
+    ours = both(run_luna, d, daemon_models, "sdxl", tmp_path, t, e, "ours")
+    _, e2 = write_case(tmp_path, tok, {"clip_l": mats["l"], "clip_g": mats["g"]}, "comfy")
+    assert both(run_luna, d, daemon_models, "sdxl", tmp_path, t, e2, "comfy") == ours
+    tok1, mats1, _ = case(refs["sd1"], "sd1", seed=9)
+    t1, e1 = write_case(tmp_path, tok1, mats1, "ours1")
+    _, e3 = write_case(tmp_path, tok1, {"emb_params": mats1["l"]}, "comfy1")
+    assert both(run_luna, d, daemon_models, "sd1", tmp_path, t1, e3, "comfy1") == \
+        both(run_luna, d, daemon_models, "sd1", tmp_path, t1, e1, "ours1")
+
+
 # ------------------------------------------------------------------ errors
 
 def expect_fail(r, rc, *words):
@@ -202,8 +218,10 @@ def test_cli_embeds_errors(start_lunad, daemon_models, refs, run_luna, tmp_path,
         t, e = write_case(tmp_path, tok, m, "nan")
         expect_fail(run("sd1", t, e), 1, e.name, 'tensor "l" row 2 column 5', "not finite", word)
     # the file's own form: another tensor, dtype, shape; no tensor at all
-    t, e = write_case(tmp_path, tok, {"l": mats["l"], "emb_params": mats["l"]}, "other")
-    expect_fail(run("sd1", t, e), 1, e.name, '"emb_params"', '"l"', '"g"')
+    t, e = write_case(tmp_path, tok, {"l": mats["l"], "string_to_param": mats["l"]}, "other")
+    expect_fail(run("sd1", t, e), 1, e.name, '"string_to_param"', '"l"', '"g"')
+    t, e = write_case(tmp_path, tok, {"l": mats["l"], "emb_params": mats["l"]}, "twice")
+    expect_fail(run("sd1", t, e), 1, e.name, '"l"', '"emb_params"', "CLIP-L", "keep one")
     t, e = write_case(tmp_path, tok, {"l": mats["l"]}, "i32", "I32")
     expect_fail(run("sd1", t, e), 1, e.name, 'tensor "l"', "I32", "F32")
     t, e = write_case(tmp_path, tok, {"l": mats["l"].reshape(-1)}, "flat")
