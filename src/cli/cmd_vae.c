@@ -700,10 +700,6 @@ static int vae_main(const cmd_target *target, int argc, char **argv, int decode)
     fprintf(stderr, "luna %s: --out %s: a latent is written as .safetensors, not PNG\n", cmd, o.out_path);
     return 2;
   }
-  if (o.local && cmd_target_given(target)) {
-    fprintf(stderr, "luna %s: --socket, --connect and --timeout apply to lunad, not to --local\n", cmd);
-    return 2;
-  }
   if (o.local) {
     if (o.deadline_ms || o.tiled == LUNA_TILED_OFF) {
       fprintf(stderr, "luna %s: --deadline-ms and --untiled apply to lunad, not to --local (which tiles only "
@@ -712,6 +708,10 @@ static int vae_main(const cmd_target *target, int argc, char **argv, int decode)
     }
     if ((tile_set || overlap_set) && o.tiled != LUNA_TILED_ON) {
       fprintf(stderr, "luna %s: --tile-size and --overlap need --tiled with --local\n", cmd);
+      return 2;
+    }
+    if (cmd_target_given(target)) {
+      fprintf(stderr, "luna %s: --socket, --connect and --timeout apply to lunad, not to --local\n", cmd);
       return 2;
     }
   } else {
